@@ -18,7 +18,7 @@ Two implementations give the same numbers:
   ``chunk_size × V`` logits at once. Its custom autograd function saves only its inputs (plus two log-normalisers per
   row) and recomputes each chunk's logits in backward. Rows with label -100 are dropped before any logits are formed.
 
-Everything is computed in float32, whatever the input dtype.
+Everything is computed in float32 whatever the input dtype (float64 inputs stay in float64, for gradcheck).
 """
 from __future__ import annotations
 
@@ -110,6 +110,10 @@ def _check_labels(labels: Tensor, vocab_size: int, batch_shape: tuple[int, ...],
                          f"[{int(valid.min())}, {int(valid.max())}]")
 
 
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def token_stats(logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, with_kl: bool = True) -> TokenStats:
     """Plain per-token statistics from full logits.
 
@@ -124,23 +128,24 @@ def token_stats(logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None
     _check_labels(labels, logits.shape[-1], logits.shape[:2], "logits")
     mask = labels != IGNORE_INDEX
     index = labels.clamp_min(0).unsqueeze(-1)
-    logp_all = logits.float().log_softmax(-1)
+    dtype = _compute_dtype(logits)
+    logp_all = logits.to(dtype).log_softmax(-1)
     logps = torch.where(mask, logp_all.gather(-1, index).squeeze(-1), 0.0)
     ref_logps = kl = None
     if ref_logits is not None:
         if ref_logits.shape != logits.shape:
             raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must match logits {tuple(logits.shape)}")
-        ref_all = ref_logits.detach().float().log_softmax(-1)
+        ref_all = ref_logits.detach().to(dtype).log_softmax(-1)
         ref_logps = torch.where(mask, ref_all.gather(-1, index).squeeze(-1), 0.0)
         if with_kl:
             kl = torch.where(mask, (ref_all.exp() * (ref_all - logp_all)).sum(-1), 0.0)
-    return TokenStats(logps=logps, mask=mask.float(), ref_logps=ref_logps, kl=kl)
+    return TokenStats(logps=logps, mask=mask.to(dtype), ref_logps=ref_logps, kl=kl)
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """[c, V] float32 logits of one chunk; the matmul runs in the inputs' dtype, like the model's own LM head."""
     logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
-    return logits.float()
+    return logits.to(_compute_dtype(logits))
 
 
 class _ChunkedTokenStatsFunction(torch.autograd.Function):
@@ -155,7 +160,7 @@ class _ChunkedTokenStatsFunction(torch.autograd.Function):
         rows = hidden.shape[0]
         has_ref = ref_hidden is not None
         with_kl = with_kl and has_ref
-        f32 = dict(dtype=torch.float32, device=hidden.device)
+        f32 = dict(dtype=_compute_dtype(hidden), device=hidden.device)
         logps, lse = torch.empty(rows, **f32), torch.empty(rows, **f32)
         ref_logps, ref_lse, kl = (torch.empty(rows if has_ref else 0, **f32) for _ in range(3))
         for start in range(0, rows, chunk_size):
@@ -186,11 +191,12 @@ class _ChunkedTokenStatsFunction(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         # Accumulate the weight gradient in float32 across chunks even for bfloat16 weights.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        dtype = _compute_dtype(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_bias else None
         with_kl = ctx.with_kl and grad_kl is not None and bool(grad_kl.any())
-        grad_logps = grad_logps.float()
-        coef_p = (grad_kl.float() - grad_logps) if with_kl else -grad_logps
+        grad_logps = grad_logps.to(dtype)
+        coef_p = (grad_kl.to(dtype) - grad_logps) if with_kl else -grad_logps
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows_c = slice(start, start + ctx.chunk_size)
             hidden_c = hidden[rows_c]
@@ -198,13 +204,13 @@ class _ChunkedTokenStatsFunction(torch.autograd.Function):
             grad_z.mul_(coef_p[rows_c].unsqueeze(1))
             if with_kl:
                 q = _chunk_logits(ref_hidden[rows_c], ref_weight, ref_bias).sub_(ref_lse[rows_c].unsqueeze(1)).exp_()
-                grad_z.sub_(q.mul_(grad_kl[rows_c].float().unsqueeze(1)))
+                grad_z.sub_(q.mul_(grad_kl[rows_c].to(dtype).unsqueeze(1)))
                 del q
             grad_z.scatter_add_(1, labels[rows_c].unsqueeze(1), grad_logps[rows_c].unsqueeze(1))
             if need_hidden:
                 grad_hidden[rows_c] = grad_z.to(weight.dtype) @ weight
             if need_weight:
-                grad_weight.addmm_(grad_z.t(), hidden_c.float())
+                grad_weight.addmm_(grad_z.t(), hidden_c.to(dtype))
             if need_bias:
                 grad_bias.add_(grad_z.sum(0))
         if need_weight:
@@ -260,11 +266,11 @@ def chunked_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, ref_hidd
         flat_hidden, weight, bias, flat_labels, flat_ref, ref_weight, ref_bias, chunk_size, with_kl)
 
     def scatter(values: Tensor) -> Tensor:
-        full = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
+        full = torch.zeros(batch * length, dtype=values.dtype, device=hidden.device)
         return full.index_copy(0, rows, values).reshape(batch, length)
 
     has_ref = ref_hidden is not None
-    return TokenStats(logps=scatter(logps), mask=mask.float(),
+    return TokenStats(logps=scatter(logps), mask=mask.to(logps.dtype),
                       ref_logps=scatter(ref_logps) if has_ref else None,
                       kl=scatter(kl) if has_ref and with_kl else None)
 
