@@ -189,10 +189,14 @@ def test_pass_at_k_aggregates_tasks():
 
 def _humaneval_problems() -> dict:
     try:
-        from tokenpo.data.sources import load_humaneval
+        from tokenpo.data import load_humaneval
+        from tokenpo.data.sources import SourceUnavailableError
     except (ImportError, AttributeError) as exc:
-        pytest.skip(f"tokenpo.data.sources.load_humaneval is not available yet: {exc}")
-    problems = load_humaneval()
+        pytest.skip(f"tokenpo.data.load_humaneval is not available: {exc}")
+    try:
+        problems = load_humaneval()
+    except SourceUnavailableError as exc:
+        pytest.skip(f"HumanEval could not be fetched: {exc}")
     if not isinstance(problems, dict):
         problems = {p["task_id"]: p for p in problems}
     assert len(problems) == 164
