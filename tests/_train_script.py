@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from tokenpo.data.preference import PreferenceCollator
 from tokenpo.train import TrainConfig, train
 
 PAD, EOS, POISON, VOCAB = 0, 1, 63, 64
@@ -43,30 +44,18 @@ def make_pairs(n: int, seed: int = 0, poison_row: int | None = None) -> list[dic
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """The batch dict of CONTEXT.md, right-padded, chosen and rejected to one length L. Extra per-completion-token
-    columns (`chosen_<x>`/`rejected_<x>` lists, one value per completion token) become [B, L] aligned with the ids."""
-    length = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
-    extra = sorted({k[len("chosen_"):] for r in rows for k in r if k.startswith("chosen_") and k != "chosen_ids"})
-    batch: dict[str, list] = {}
-    for side in ("chosen", "rejected"):
-        ids, attn, comp = [], [], []
-        columns = {name: [] for name in extra}
-        for r in rows:
-            completion = r[f"{side}_ids"]
-            seq = r["prompt_ids"] + completion
-            pad = length - len(seq)
-            ids.append(seq + [PAD] * pad)
-            attn.append([1] * len(seq) + [0] * pad)
-            comp.append([0] * len(r["prompt_ids"]) + [1] * len(completion) + [0] * pad)
-            for name in extra:
-                columns[name].append([0.0] * len(r["prompt_ids"]) + list(r[f"{side}_{name}"]) + [0.0] * pad)
-        batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = ids, attn
-        batch[f"{side}_completion_mask"] = comp
-        for name in extra:
-            batch[f"{side}_{name}"] = columns[name]
-    out = {k: torch.tensor(v) for k, v in batch.items()}
-    out["row_index"] = torch.tensor([r["row_index"] for r in rows])
-    return out
+    """`PreferenceCollator` batches, plus per-completion-token columns (`chosen_<x>`/`rejected_<x>` lists with one
+    value per completion token) as [B, L] tensors aligned with the input ids (0 on prompt and padding)."""
+    batch = PreferenceCollator(PAD)(rows)
+    extra = sorted({k[len("chosen_"):] for k in rows[0] if k.startswith("chosen_") and k != "chosen_ids"})
+    for name in extra:
+        for side in ("chosen", "rejected"):
+            column = torch.zeros(batch[f"{side}_input_ids"].shape)
+            for b, r in enumerate(rows):
+                start = len(r["prompt_ids"])
+                column[b, start:start + len(r[f"{side}_ids"])] = torch.tensor(r[f"{side}_{name}"], dtype=torch.float)
+            batch[f"{side}_{name}"] = column
+    return batch
 
 
 class SleepAfter:
@@ -82,7 +71,7 @@ class SleepAfter:
 
 
 def run(out_dir, *, n_pairs=16, batch_size=4, grad_accum=1, max_steps=8, save_every=None, seed=0,
-        method="dpo", lr=1e-3, resume=False, callbacks=(), **config):
+        method="dpo", lr=1e-3, resume=False, callbacks=(), eval_dataset=None, **config):
     """One run on the standard tiny set-up (a fresh model each time, same init for the same seed)."""
     torch.set_num_threads(1)
     settings = dict(method=method, learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum,
@@ -90,7 +79,7 @@ def run(out_dir, *, n_pairs=16, batch_size=4, grad_accum=1, max_steps=8, save_ev
                     cpu=True, schedule="constant", save_final=False)
     settings.update(config)
     return train(tiny_model(seed), None, make_pairs(n_pairs, seed), TrainConfig(**settings), collator=collate,
-                 resume=resume, callbacks=list(callbacks))
+                 resume=resume, callbacks=list(callbacks), eval_dataset=eval_dataset)
 
 
 def main(argv: list[str]) -> None:

@@ -186,6 +186,8 @@ class TrainCallback:
     """Hooks into a run (main process only); subclass and override what you need, or pass any object with some of
     these methods. ``policy`` is the bare (unwrapped) policy; ``masks`` the SparsePO mask module or None."""
 
+    def on_train_begin(self, policy: nn.Module, masks: nn.Module | None) -> None: ...
+
     def on_step_end(self, step: int, metrics: dict, policy: nn.Module, masks: nn.Module | None) -> None: ...
 
     def on_checkpoint(self, step: int, path: Path, policy: nn.Module, masks: nn.Module | None) -> None: ...
@@ -293,7 +295,8 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
         collator: builds the batch dict of CONTEXT.md (default: ``PreferenceCollator(tokenizer.pad_token_id)``).
         resume: True = continue from the newest complete checkpoint in ``config.out_dir`` (start fresh if there is
             none); a path = from that checkpoint. A fresh run refuses a folder that already holds a run.
-        callbacks: objects with ``on_step_end`` / ``on_checkpoint`` / ``on_evaluate`` (see :class:`TrainCallback`).
+        callbacks: objects with some of ``on_train_begin`` / ``on_step_end`` / ``on_checkpoint`` / ``on_evaluate``
+            (see :class:`TrainCallback`); called on the main process only.
         eval_dataset: pairs evaluated (no gradient) every ``config.eval_every`` steps -> ``eval_metrics.jsonl``.
     Raises:
         NonFiniteLossError: a NaN/inf loss or gradient norm (names the step and the dataset rows).
@@ -380,6 +383,8 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
         for cb in callbacks if main else ():
             _call(cb, "on_evaluate", step, row, unwrapped.policy, unwrapped.token_mask)
 
+    for cb in callbacks if main else ():
+        _call(cb, "on_train_begin", unwrapped.policy, unwrapped.token_mask)
     if eval_loader is not None and step == 0:
         evaluate_now()
     bar = tqdm(total=total_steps, initial=step, desc=f"{config.method}", disable=not (main and config.progress),
@@ -545,8 +550,9 @@ def _save_final(accelerator, unwrapped: TrainablePolicy, tokenizer, out_dir: Pat
 
 def evaluate_pairs(policy: nn.Module, reference: nn.Module | None, dataset, config: TrainConfig, tokenizer=None,
                    collator: Callable | None = None, masks: nn.Module | None = None) -> dict[str, float]:
-    """Metrics of ``config.method`` over ``dataset`` (no gradient, one process), e.g. rewards/accuracies of a policy
-    on held-out pairs. ``reference`` None with a PEFT policy = adapters disabled; ``masks`` the SparsePO networks."""
+    """Metrics of ``config.method`` over ``dataset`` (no gradient, eval mode, one process), e.g. rewards/accuracies of
+    a policy on held-out pairs. ``reference`` None with a PEFT policy = adapters disabled; ``masks`` the SparsePO
+    networks (TrainResult.masks)."""
     objective = get_objective(config.method)
     hparams = _objective_hparams(objective, config.hparams)
     plan = _plan(objective, hparams, config, reference is not None or _is_peft(policy))
@@ -560,12 +566,19 @@ def evaluate_pairs(policy: nn.Module, reference: nn.Module | None, dataset, conf
                         collate_fn=collator or _default_collator(tokenizer))
     sums: dict[str, float] = {}
     pairs = 0
-    with torch.no_grad():
-        for batch in loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            out = compute_batch(plan, module, reference, batch)
-            n = out.losses.shape[0]
-            pairs += n
-            for name, value in out.metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * n
+    modes = [(m, m.training) for m in (module, reference) if m is not None]
+    try:
+        for m, _ in modes:
+            m.eval()
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                out = compute_batch(plan, module, reference, batch)
+                n = out.losses.shape[0]
+                pairs += n
+                for name, value in out.metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * n
+    finally:
+        for m, training in modes:
+            m.train(training)
     return {name: value / pairs for name, value in sums.items()}
