@@ -1,6 +1,6 @@
 """Evaluation: sampling from a policy, sequence KL to the reference, confidence intervals, reward-vs-KL frontiers.
 
-Reward scorers live in `tokenpo.scorers` (re-exported here); sandboxed pass@k in `tokenpo.sandbox`.
+Reward scorers live in `tokenpo.scorers`, sandboxed pass@k in `tokenpo.code_eval` (both re-exported here).
 
 Alignment follows CONTEXT.md: for `input_ids [B, L]`, `logits[:, :-1]` predicts `input_ids[:, 1:]`; a completion
 token at position t is scored by the logits at position t-1.
@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .sandbox import estimate_pass_at_k, pass_at_k  # noqa: F401  (part of the evaluation API)
+from .code_eval import estimate_pass_at_k, pass_at_k  # noqa: F401  (part of the evaluation API)
 from .scorers import (SCORERS, ClassifierSentiment, CodeCorrectness, Harmlessness, Relevance,  # noqa: F401
                       RougeL, VaderSentiment, get_scorer, rouge_l)
 
@@ -74,8 +74,11 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
 
     out_ids: list[list[int]] = []
     finished: list[bool] = []
-    was_training = model.training
+    was_training, saved_config = model.training, getattr(model, "generation_config", None)
     model.eval()
+    # generate() fills settings left at their global defaults (e.g. top_p=1.0) from the model's own generation
+    # config (a hub checkpoint may ship top_k/top_p there): make ours the model's for the call
+    model.generation_config = config
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -99,6 +102,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
                     out_ids.append(row)
     finally:
         model.train(was_training)
+        model.generation_config = saved_config
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out_ids]
     return Completions(prompts, texts, encoded, out_ids, finished)
 

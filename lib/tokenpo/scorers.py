@@ -66,6 +66,10 @@ class ClassifierSentiment:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_name_or_path).eval()
+        if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:  # GPT-2-style classifiers
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device(device) if device else torch.device("cpu")
         self.model.to(self.device)
         self.batch_size, self.max_length = batch_size, max_length
