@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ METRIC_KEYS_SKIPPED = ("step", "epoch", "lr", "lr_mask")
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENPO_PROGRESS": "0",
+    return {**os.environ, "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -178,6 +179,15 @@ def test_chunked_path_gives_the_plain_path_numbers(tmp_path):
     _assert_rows_close(plain, chunked)
 
 
+def test_bf16_run_in_the_same_process_as_fp32_runs(tmp_path):
+    """Accelerate's process-wide state would refuse a second precision; the trainer resets it between runs."""
+    fp32 = helper.run(tmp_path / "a", method="sparsepo", max_steps=2).history
+    bf16 = helper.run(tmp_path / "b", method="sparsepo", max_steps=2, mixed_precision="bf16", chunk_size=8).history
+    again = helper.run(tmp_path / "c", method="sparsepo", max_steps=2).history
+    assert again == fp32
+    assert all(math.isfinite(r["loss"]) for r in bf16) and bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=0.02)
+
+
 # ------------------------------------------------------------------------------------------- masks, LoRA
 class _InitialState:
     def on_train_begin(self, policy, masks):
@@ -306,3 +316,108 @@ def test_extra_inputs_from_the_hook_and_from_batch_columns(tmp_path):
     keep = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm")
     _assert_rows_close([{k: r[k] for k in ("step", *keep)} for r in sepo],
                        [{k: r[k] for k in ("step", *keep)} for r in simpo])
+
+
+def test_sepo_hook_selects_from_score_columns_and_random_tokens(tmp_path):
+    from tokenpo.train_hooks import sepo_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = helper.make_pairs(16)
+    for row in pairs:  # oracle scores, one per completion token
+        for side in ("chosen", "rejected"):
+            row[f"{side}_token_scores"] = torch.randn(len(row[f"{side}_ids"]), generator=gen).tolist()
+    common = dict(learning_rate=1e-3, batch_size=4, max_steps=3, cpu=True, progress=False, seed=0,
+                  schedule="constant")
+
+    def run(name, method, hook=None, data=pairs, **extra):
+        config = TrainConfig(method=method, out_dir=str(tmp_path / name), extra_inputs_fn=hook, **common, **extra)
+        return train(helper.tiny_model(0), None, data, config, collator=helper.collate).history
+
+    everything = run("all", "sepo", sepo_inputs(1.0, 1.0))
+    simpo = run("simpo", "simpo", hparams={"beta": 1.0, "gamma": 0.0}, data=helper.make_pairs(16))
+    keep = ("step", "loss", "rewards/margins", "grad_norm")
+    _assert_rows_close([{k: r[k] for k in keep} for r in everything], [{k: r[k] for k in keep} for r in simpo])
+
+    top = run("top", "sepo", sepo_inputs(0.3, 0.3))
+    rand = run("rand", "sepo", sepo_inputs(0.3, 0.3, column=None, seed=1))
+    for rows in (top, rand):
+        assert "kl/chosen" not in rows[0]  # reference-free: no reference model ran
+        assert 0.45 < rows[0]["mask/sparsity_reward_chosen"] < 0.85  # ~30% of tokens selected (at least one)
+    assert top[0]["loss"] != rand[0]["loss"]
+
+
+def test_fpo_hook_with_offline_cache_matches_the_live_reference(tmp_path):
+    from tokenpo.sae import FPOReferenceCache, SAEConfig, SparseAutoencoder
+    from tokenpo.train_hooks import fpo_inputs
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=32, width=48, layer=0, site="block_out"))
+    with torch.no_grad():
+        sae.threshold.fill_(0.0)  # random weights: let most features fire
+    pairs = helper.make_pairs(16)
+    reference = helper.tiny_model(0).eval()
+    batches = [helper.collate(pairs[i:i + 4]) for i in range(0, 16, 4)]
+    cache = FPOReferenceCache.build(reference, sae, batches, k=48, layer=0, pooling="paper", progress=False)
+    common = dict(learning_rate=1e-3, batch_size=4, max_steps=3, cpu=True, progress=False, seed=0,
+                  schedule="constant", hparams={"k": 8})
+    live = train(helper.tiny_model(0), None, pairs, TrainConfig(
+        method="fpo", out_dir=str(tmp_path / "live"), extra_inputs_fn=fpo_inputs(sae, layer=0, pooling="paper"),
+        **common), collator=helper.collate).history
+    cached = train(helper.tiny_model(0), None, pairs, TrainConfig(
+        method="fpo", out_dir=str(tmp_path / "cached"),
+        extra_inputs_fn=fpo_inputs(sae, layer=0, pooling="paper", cache=cache), **common),
+        collator=helper.collate).history
+    assert "kl/chosen" in live[0] and "kl/chosen" not in cached[0]  # the cached run has no reference model
+    keep = ("step", "loss", "rewards/margins", "features/mse_chosen", "features/mse_rejected", "grad_norm")
+    _assert_rows_close([{k: r[k] for k in keep} for r in cached], [{k: r[k] for k in keep} for r in live])
+    assert live[-1]["features/mse_rejected"] > 0.0
+
+
+# ------------------------------------------------------------------------------------------- real tokenizer, SFT
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from tokenpo.models import train_tokenizer
+
+    texts = [f"the {a} film was {b} and the {c} was {b}" for a in ("old", "new", "long", "short")
+             for b in ("great", "awful", "fine", "dull") for c in ("plot", "cast", "music")]
+    return train_tokenizer(texts * 3, vocab_size=300, out_dir=tmp_path_factory.mktemp("tok"))
+
+
+def _text_model(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer),
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id))
+
+
+def test_sft_lowers_the_heldout_loss_and_text_pairs_train_end_to_end(tokenizer, tmp_path):
+    from tokenpo.data.preference import tokenize_pairs
+    from tokenpo.sft import SFTConfig, heldout_loss, sft
+
+    texts = [f"review: the {a} film was great, the {c} was great" for a in ("old", "new", "long", "short", "odd")
+             for c in ("plot", "cast", "music", "ending")]
+    model = _text_model(tokenizer)
+    history = []
+    config = SFTConfig(learning_rate=3e-3, batch_size=4, epochs=6, heldout_fraction=0.2, eval_every=10,
+                       progress=False, seed=0)
+    returned = sft(model, tokenizer, texts, config, history=history)
+    assert returned is model and not model.training
+    heldout = [r for r in history if "heldout_loss" in r]
+    steps = [r for r in history if "loss" in r]
+    assert len(steps) == 6 * 4  # 16 training texts / batch 4, 6 epochs
+    assert heldout[0]["step"] == 0 and heldout[-1]["step"] == 24 and len(heldout) == 4
+    assert heldout[-1]["heldout_loss"] < 0.7 * heldout[0]["heldout_loss"]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    held_texts = [texts[i] for i in range(len(texts))]
+    assert heldout_loss(model, tokenizer, held_texts) < heldout[0]["heldout_loss"]
+
+    rows = [{"prompt": f"review: the {a} film was", "chosen": " great", "rejected": " awful"}
+            for a in ("old", "new", "long", "short")] * 2
+    pairs = tokenize_pairs(rows, tokenizer, max_length=32)
+    result = train(model, None, pairs, TrainConfig(method="dpo", learning_rate=1e-2, batch_size=4, max_steps=4,
+                                                   out_dir=str(tmp_path / "dpo"), cpu=True, progress=False),
+                   tokenizer=tokenizer)  # default collator: PreferenceCollator(tokenizer.pad_token_id)
+    assert result.history[-1]["rewards/margins"] > 0
+    assert (result.final_dir / "tokenizer.json").exists() and (result.final_dir / "config.json").exists()

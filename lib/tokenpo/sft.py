@@ -161,11 +161,11 @@ def sft(model, tokenizer, texts: Sequence[str], config: SFTConfig | None = None,
             optimizer.step()
             scheduler.step()
             step += 1
-            history.append({"step": step, "loss": float(loss), "lr": lr})
+            history.append({"step": step, "loss": loss.item(), "lr": lr})
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
                 evaluate(step)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             if step >= total_steps:
                 break
         epoch += 1

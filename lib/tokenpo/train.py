@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import shutil
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,10 +35,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .cache import cache_root
-from .checkpoint import (METRICS_FILE, EpochSampler, MetricsLog, json_safe, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, read_metrics, save_checkpoint)
-from .losses import Objective, get_objective
+from .checkpoint import (METRICS_FILE, EpochSampler, MetricsLog, json_safe, latest_checkpoint, load_checkpoint,
+                         read_metrics, save_checkpoint)
+from .losses import get_objective
 from .optim import delayed_factor, parameter_groups, schedule_factor
+from .train_config import (TrainConfig, apply_lora, build_masks, default_collator, disable_dropout, is_peft,
+                           make_plan, objective_hparams)
 from .train_step import StepInputs, StepPlan, TrainablePolicy, compute_batch, split_pairs
 from .utils import package_versions, set_seed
 
@@ -47,118 +48,6 @@ __all__ = ["TrainConfig", "TrainResult", "TrainCallback", "NonFiniteLossError", 
            "train", "evaluate_pairs"]
 
 EVAL_METRICS_FILE = "eval_metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a preference-training run depends on (saved as ``config.json`` in the run folder).
-
-    > What to optimise
-    method: objective name from :data:`tokenpo.losses.OBJECTIVES` ("dpo", "sparsepo", "sepo", ...).
-    hparams: overrides of the objective's registry defaults, e.g. ``{"beta": 0.8, "common": False}``.
-    use_reference: run a reference model; None = when the method needs one (reference log-probs, KL, SparsePO/MaPO
-        masks, ``hook_reference_layers``). False e.g. for FPO with offline reference columns.
-    log_kl: compute and log ``kl/{chosen,rejected}`` whenever a reference runs, even if the loss does not use it
-        (costs a full-vocabulary softmax of the reference per token; no gradient).
-
-    > Optimiser and schedule (AdamW)
-    learning_rate, weight_decay (matrices only; biases and norms get none), adam_betas, adam_eps.
-    mask_learning_rate / mask_weight_decay: for parameters whose name contains "_mask" (the SparsePO mask networks;
-        official code: same lr, weight decay 0.01). None = learning_rate.
-    mask_freeze_steps / mask_warmup_steps: mask learning rate 0 for the first steps, then a linear ramp (Adam's
-        moments still see the masks' gradients while frozen).
-    schedule: "cosine" | "linear" | "constant", after ``warmup_steps`` (or ``warmup_ratio`` of all steps) of linear
-        warm-up, as in 🤗 transformers.
-    max_steps: optimizer steps; None = ``epochs`` full passes over the data.
-    batch_size: pairs per device per micro-batch; the global batch is batch_size × processes × grad_accum.
-    grad_accum, max_grad_norm (None = no clipping; the norm is logged either way).
-
-    > Per-token statistics
-    chunk_size: None = plain path from full logits; an int = chunked path from hidden states, never more than
-        chunk_size × V logits at once (:func:`tokenpo.tokens.chunked_token_stats`).
-
-    > Method inputs
-    mask_kwargs: keyword arguments of :class:`tokenpo.masks.SparsePOMasks` beyond the model sizes (e.g. dropout,
-        mixer init); common/independent follows ``hparams["common"]``.
-    mapo_kwargs: keyword arguments of :func:`tokenpo.masks.mapo_masks` (hook, mapping).
-    extra_inputs_fn: ``fn(StepInputs) -> dict`` of extra objective keyword arguments, e.g. SePO selections from
-        token scores, FPO pooled SAE features of the policy; hook_policy_layers / hook_reference_layers make the
-        per-layer hidden states available to it.
-
-    > Model
-    lora: ``peft.LoraConfig`` keyword arguments (or a LoraConfig) to train LoRA adapters; None = full fine-tuning.
-        The SparsePO mask networks are trained either way; without a reference model the reference is the policy
-        with its adapters disabled.
-    disable_dropout: set every dropout probability of the policy to 0 (TRL's default; the mask networks keep
-        theirs); gradient_checkpointing: trade compute for memory.
-
-    > Run
-    out_dir: the run folder; None = a new folder under ``<cache>/runs``.
-    save_every / keep_last: checkpoint every N steps (and at the end), keep the newest K. eval_every: evaluate on
-    ``eval_dataset`` every N steps (and before the first and after the last). seed: model init, LoRA, data order.
-    mixed_precision: "no" | "fp16" | "bf16" (🤗 Accelerate). cpu: force the CPU. progress: show a tqdm bar.
-    """
-
-    method: str = "dpo"
-    hparams: dict[str, Any] = field(default_factory=dict)
-    use_reference: bool | None = None
-    log_kl: bool = True
-    # optimiser and schedule
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    mask_learning_rate: float | None = None
-    mask_weight_decay: float = 0.01
-    mask_freeze_steps: int = 0
-    mask_warmup_steps: int = 0
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    max_steps: int | None = None
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    shuffle: bool = True
-    drop_last: bool = False
-    # per-token statistics
-    chunk_size: int | None = None
-    # method inputs
-    mask_kwargs: dict[str, Any] = field(default_factory=dict)
-    mapo_kwargs: dict[str, Any] = field(default_factory=dict)
-    extra_inputs_fn: Callable[[StepInputs], dict] | None = None
-    hook_policy_layers: bool = False
-    hook_reference_layers: bool = False
-    # model
-    lora: Any = None
-    disable_dropout: bool = True
-    gradient_checkpointing: bool = False
-    # run
-    out_dir: str | Path | None = None
-    save_every: int | None = None
-    keep_last: int | None = 2
-    eval_every: int | None = None
-    seed: int = 42
-    deterministic: bool = True
-    mixed_precision: str = "no"
-    cpu: bool = False
-    progress: bool = True
-    save_final: bool = True
-
-    def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "epochs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("max_steps", "save_every", "eval_every", "chunk_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"TrainConfig.{name} must be None or a positive integer, got {value!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"TrainConfig.mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        schedule_factor(self.schedule, 1, 0)  # validates the name
 
 
 @dataclass
@@ -204,47 +93,6 @@ class NonFiniteLossError(FloatingPointError):
                          f"(batch rows {self.batch_rows}); the run stopped before applying this update")
 
 
-# -------------------------------------------------------------------------------------------------------- set-up
-def _objective_hparams(objective: Objective, overrides: dict[str, Any]) -> dict[str, Any]:
-    accepted = set(inspect.signature(objective.fn).parameters) - {"chosen", "rejected", *objective.extra_inputs}
-    unknown = sorted(set(overrides) - accepted)
-    if unknown:
-        raise ValueError(f"TrainConfig.hparams has {unknown}, which objective {objective.name!r} does not take; "
-                         f"its hyper-parameters: {sorted(accepted)}")
-    return {**objective.defaults, **overrides}
-
-
-def _disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
-def _apply_lora(policy: nn.Module, lora: Any) -> nn.Module:
-    if lora is None:
-        return policy
-    from peft import LoraConfig, get_peft_model
-
-    lora_config = lora if isinstance(lora, LoraConfig) else LoraConfig(**{"task_type": "CAUSAL_LM", **dict(lora)})
-    if _is_peft(policy):
-        raise ValueError("TrainConfig.lora is set but the policy already is a PEFT model; pass one or the other")
-    return get_peft_model(policy, lora_config)
-
-
-def _build_masks(policy: nn.Module, config: TrainConfig, hparams: dict[str, Any]) -> nn.Module:
-    """SparsePO mask networks sized from the policy's config. With only one term masked (mask_on_reward or
-    mask_on_kl False) a single network is built even in independent mode: a second one would get no gradient."""
-    from .masks import SparsePOMasks
-
-    one_net = hparams.get("common", True) or not (hparams.get("mask_on_reward", True) and hparams.get("mask_on_kl", True))
-    return SparsePOMasks.from_model_config(policy.config, mode="common" if one_net else "independent",
-                                           **config.mask_kwargs)
-
-
 def _run_dir(config: TrainConfig, resume: bool | str | Path, accelerator) -> Path:
     if config.out_dir is not None:
         return Path(config.out_dir)
@@ -255,30 +103,6 @@ def _run_dir(config: TrainConfig, resume: bool | str | Path, accelerator) -> Pat
     name = [f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
     broadcast_object_list(name)
     return cache_root() / "runs" / name[0]
-
-
-def _default_collator(tokenizer):
-    if tokenizer is None:
-        raise ValueError("pass a collator, or a tokenizer (its pad token id is used by PreferenceCollator)")
-    from .data.preference import PreferenceCollator
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return PreferenceCollator(pad)
-
-
-def _plan(objective: Objective, hparams: dict[str, Any], config: TrainConfig, has_reference_source: bool) -> StepPlan:
-    is_mapo, is_sparse = objective.name == "mapo", objective.name == "sparsepo"
-    use_reference = config.use_reference
-    if use_reference is None:
-        use_reference = objective.needs_reference or is_mapo or is_sparse or config.hook_reference_layers
-    if (is_sparse or objective.needs_kl) and not use_reference:
-        raise ValueError(f"method {objective.name!r} needs a reference model; TrainConfig.use_reference is False")
-    with_kl = use_reference and (objective.needs_kl or config.log_kl)
-    return StepPlan(objective=objective, hparams=hparams, use_reference=use_reference, with_kl=with_kl,
-                    detach_kl=with_kl and not objective.needs_kl,
-                    reference_layers=use_reference and (is_sparse or config.hook_reference_layers),
-                    policy_layers=config.hook_policy_layers, chunk_size=config.chunk_size,
-                    mapo=dict(config.mapo_kwargs) if is_mapo else None, extra_inputs_fn=config.extra_inputs_fn)
 
 
 # -------------------------------------------------------------------------------------------------------- the loop
@@ -304,7 +128,8 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
     from accelerate import Accelerator
 
     objective = get_objective(config.method)
-    hparams = _objective_hparams(objective, config.hparams)
+    hparams = objective_hparams(objective, config.hparams)
+    _fresh_accelerator_state()
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
                               cpu=config.cpu, step_scheduler_with_optimizer=False)
     main = accelerator.is_main_process
@@ -314,25 +139,25 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
     set_seed(config.seed, deterministic=config.deterministic)
 
     # ---- models: LoRA, reference, mask networks, all before the optimizer sees them
-    policy = _apply_lora(policy, config.lora)
+    policy = apply_lora(policy, config.lora)
     if config.disable_dropout:
-        _disable_dropout(policy)
+        disable_dropout(policy)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-        if _is_peft(policy):
+        if is_peft(policy):
             policy.enable_input_require_grads()
-    plan = _plan(objective, hparams, config, reference is not None or _is_peft(policy))
-    if plan.use_reference and reference is None and not _is_peft(policy):
+    plan = make_plan(objective, hparams, config)
+    if plan.use_reference and reference is None and not is_peft(policy):
         reference = copy.deepcopy(policy)
     if reference is not None:
         reference.eval().requires_grad_(False)
         reference.to(accelerator.device)
-    token_mask = _build_masks(policy, config, hparams) if objective.name == "sparsepo" else None
+    token_mask = build_masks(policy, config, hparams) if objective.name == "sparsepo" else None
     module = TrainablePolicy(policy, token_mask)
     module.train()
 
     # ---- data, optimizer, schedule
-    collate = collator or _default_collator(tokenizer)
+    collate = collator or default_collator(tokenizer)
     sampler = EpochSampler(len(train_dataset), config.seed, shuffle=config.shuffle)
     loader = accelerator.prepare(DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler,
                                             collate_fn=collate, drop_last=config.drop_last))
@@ -457,6 +282,18 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
                        eval_history=eval_history, steps=step, last_checkpoint=last_checkpoint, final_dir=final_dir)
 
 
+def _fresh_accelerator_state() -> None:
+    """Let a notebook run, say, an fp32 and then a bf16 training in one kernel: 🤗 Accelerate keeps its state in a
+    process-wide singleton that refuses a different mixed-precision setting. Only outside a distributed launch
+    (where the launcher owns that state) is it cleared before each run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 def _call(callback: Any, hook: str, *args) -> None:
     fn = getattr(callback, hook, None)
     if fn is not None:
@@ -554,16 +391,16 @@ def evaluate_pairs(policy: nn.Module, reference: nn.Module | None, dataset, conf
     a policy on held-out pairs. ``reference`` None with a PEFT policy = adapters disabled; ``masks`` the SparsePO
     networks (TrainResult.masks)."""
     objective = get_objective(config.method)
-    hparams = _objective_hparams(objective, config.hparams)
-    plan = _plan(objective, hparams, config, reference is not None or _is_peft(policy))
-    if plan.use_reference and reference is None and not _is_peft(policy):
+    hparams = objective_hparams(objective, config.hparams)
+    plan = make_plan(objective, hparams, config)
+    if plan.use_reference and reference is None and not is_peft(policy):
         raise ValueError(f"method {config.method!r} needs a reference model")
     if objective.name == "sparsepo" and masks is None:
         raise ValueError("evaluating SparsePO needs the trained mask networks (TrainResult.masks)")
     module = TrainablePolicy(policy, masks)
     device = next(policy.parameters()).device
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
-                        collate_fn=collator or _default_collator(tokenizer))
+                        collate_fn=collator or default_collator(tokenizer))
     sums: dict[str, float] = {}
     pairs = 0
     modes = [(m, m.training) for m in (module, reference) if m is not None]

@@ -81,8 +81,10 @@ class TrainablePolicy(nn.Module):
         if self.token_mask is not None:
             if reference is None or reference.get("layers") is None:
                 raise ValueError("SparsePO masks need the reference model's per-layer hidden states")
-            # SparsePOMasks: (reward, kl) masks [2B, T]; one tensor object twice in "common" mode.
-            result["reward_masks"], result["kl_masks"] = self.token_mask(reference["layers"], stats.mask)
+            # SparsePOMasks: (reward, kl) masks [2B, T]. One network ("common"): kl_masks stays None, because output
+            # casting (mixed precision) would turn the one tensor into two and the loss checks they are the same.
+            reward, kl = self.token_mask(reference["layers"], stats.mask)
+            result["reward_masks"], result["kl_masks"] = reward, None if kl is reward else kl
         return result
 
 
@@ -192,8 +194,7 @@ def compute_batch(plan: StepPlan, module: nn.Module, reference: nn.Module | None
     name = plan.objective.name
     if out["reward_masks"] is not None:
         extra["reward_masks"] = split_pairs(out["reward_masks"])
-        extra["kl_masks"] = (extra["reward_masks"] if out["kl_masks"] is out["reward_masks"]
-                             else split_pairs(out["kl_masks"]))
+        extra["kl_masks"] = extra["reward_masks"] if out["kl_masks"] is None else split_pairs(out["kl_masks"])
     if plan.mapo is not None:
         extra["masks"] = split_pairs(_mapo_masks(plan, unwrapped, reference, input_ids, attention_mask, out["mask"]))
     extra.update(batch_columns(plan.objective, plan.hparams, batch))
