@@ -1,0 +1,402 @@
+"""Tests of tokenpo.masks (MaPO activation masks, SparsePO mask network, SePO selection, random masks)."""
+import importlib
+import math
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM)
+
+from tokenpo.activation_hooks import token_statistics
+from tokenpo.masks import (SparsePOMask, SparsePOMasks, aligned_reference_layers, mapo_batch_masks, mapo_masks,
+                           mask_summary, oracle_scores, random_mask, random_selection, selection_counts,
+                           sepo_selection, zn_rescale)
+
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is much faster than two on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def _neox(parallel=True):
+    return GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                            intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
+                                            use_parallel_residual=parallel, bos_token_id=0, eos_token_id=0))
+
+
+def _llama():
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
+                                        max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                        pad_token_id=0))
+
+
+BUILDERS = {"gpt2": _gpt2, "neox": _neox, "neox_sequential": lambda: _neox(False), "llama": _llama}
+# hooked tensors per type for a 2-layer model (see the table in tokenpo.activation_hooks)
+EXPECTED_COUNTS = {
+    "gpt2": {"resid": 5 * 2 + 2, "attn": 4 * 2, "mlp": 2, "logits": 1},
+    "neox": {"resid": 5 * 2 + 2, "attn": 6 * 2, "mlp": 2, "logits": 1},
+    "neox_sequential": {"resid": 6 * 2 + 2, "attn": 6 * 2, "mlp": 2, "logits": 1},
+    "llama": {"resid": 6 * 2 + 2, "attn": 6 * 2, "mlp": 2, "logits": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {name: build().eval() for name, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """3 rows, L = 10: prompt = first 4 tokens; row 1 right-padded after 7 tokens."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, 10), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0
+    ids[1, 7:] = 0
+    comp = torch.zeros_like(ids)
+    comp[:, 4:] = 1
+    comp[1, 7:] = 0
+    return ids, attn, comp
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------------------ zn_rescale
+def test_zn_rescale_matches_hand_computation():
+    values = torch.tensor([[9.0, 2.0, 3.0, 7.0, -4.0], [5.0, 5.0, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    got = zn_rescale(values, mask)
+    # row 0: response r = (2, 3, 7): mean 4, unbiased std sqrt(7); z = (r-4)/sqrt(7); min-max of z
+    r = [2.0, 3.0, 7.0]
+    mean = sum(r) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in r) / 2) + 1e-12
+    z = [(x - mean) / std for x in r]
+    row0 = [0.0] + [(v - min(z)) / (max(z) - min(z)) for v in z] + [0.0]
+    assert got[0].tolist() == pytest.approx(row0, abs=1e-6)
+    assert got[1].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0, 0.0], abs=1e-6)
+
+
+def test_zn_rescale_degenerate_rows():
+    values = torch.tensor([[3.0, 3.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 0], [0, 0, 0]])
+    got = zn_rescale(values, mask)
+    assert got.tolist() == [[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    assert torch.isfinite(got).all()
+
+
+# ----------------------------------------------------------------------------------------------------- MaPO
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_mapo_masks_properties(models, batch, family):
+    model = models[family]
+    ids, attn, comp = batch
+    labels_mask = comp[:, 1:]
+    model.train()                                           # must be put in eval and restored
+    masks, by_type = mapo_masks(model, ids, attn, labels_mask, hook="all", return_by_type=True)
+    assert model.training
+    model.eval()
+    assert masks.shape == (3, 9) and not masks.requires_grad
+    assert (masks >= 0).all() and (masks <= 1).all()
+    assert (masks[labels_mask == 0] == 0).all()
+    assert (masks[labels_mask == 1] > 0).any()
+    assert set(by_type) == {"resid", "attn", "mlp", "logits"}
+    torch.testing.assert_close(masks, torch.stack(list(by_type.values())).mean(0))
+    assert _hook_count(model) == 0
+    # one hooked tensor (logits): every response spans exactly [0, 1]
+    single = mapo_masks(model, ids, attn, labels_mask, hook="logits")
+    for row in range(3):
+        values = single[row][labels_mask[row] == 1]
+        assert values.max().item() == pytest.approx(1.0) and values.min().item() == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_hooked_tensor_counts(models, batch, family):
+    ids, attn, _ = batch
+    stats = token_statistics(models[family], ids, attn, ("resid", "attn", "mlp", "logits"), lambda a: a.mean(-1))
+    assert {k: len(v) for k, v in stats.items()} == EXPECTED_COUNTS[family]
+    assert all(s.shape == ids.shape for v in stats.values() for s in v)
+    assert _hook_count(models[family]) == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logits_mask_equals_official_formula(models, batch, family):
+    """Independent re-implementation of the official per-row loop (mean over vocab, torch.std, min/max)."""
+    model = models[family]
+    ids, attn, comp = batch
+    labels_mask = comp[:, 1:].bool()
+    with torch.no_grad():
+        reduced = model(ids, attention_mask=attn).logits.mean(-1)[:, :-1]
+    expected = torch.zeros_like(reduced)
+    for i in range(len(ids)):
+        sel = reduced[i, labels_mask[i]]
+        z = (reduced[i] - sel.mean()) / (sel.std() + 1e-12)
+        zs = z[labels_mask[i]]
+        expected[i] = (z - zs.min()) / (zs.max() - zs.min()) * labels_mask[i]
+    got = mapo_masks(model, ids, attn, comp[:, 1:], hook="logits")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_hook_reads_post_activation(models, batch):
+    """GPT-2's `mlp` statistic is the mean of act(c_fc(x)), read here independently from the `mlp.act` module."""
+    model = models["gpt2"]
+    ids, attn, _ = batch
+    seen = []
+    handles = [b.mlp.act.register_forward_hook(lambda m, a, o: seen.append(o.mean(-1))) for b in model.transformer.h]
+    try:
+        stats = token_statistics(model, ids, attn, ("mlp",), lambda a: a.mean(-1))
+    finally:
+        for h in handles:
+            h.remove()
+    for ours, theirs in zip(stats["mlp"], seen):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["neox", "llama"])
+def test_post_rotary_queries_match_the_model(models, batch, family):
+    """The rotated q/k recorded by the hooks equal the ones the attention actually uses."""
+    model = models[family]
+    ids, attn, _ = batch
+    module = importlib.import_module(type(model).__module__)
+    original = module.apply_rotary_pos_emb
+    used = []
+
+    def spy(q, k, cos, sin, unsqueeze_dim=1):
+        out = original(q, k, cos, sin, unsqueeze_dim)
+        used.append([t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1).mean(-1) for t in out])
+        return out
+
+    module.apply_rotary_pos_emb = spy
+    try:
+        stats = token_statistics(model, ids, attn, ("attn",), lambda a: a.mean(-1))
+    finally:
+        module.apply_rotary_pos_emb = original
+    model_q, model_k = used[2]           # our q and k rotations call the spy first, then the layer itself
+    assert torch.allclose(stats["attn"][1], model_q, atol=1e-6)     # order: q, rot q, k, rot k, v, v_out
+    assert torch.allclose(stats["attn"][3], model_k, atol=1e-6)
+
+
+def test_hooks_removed_and_mode_restored_on_error(models, batch):
+    model = models["gpt2"]
+    ids, attn, comp = batch
+    model.train()
+    with pytest.raises(IndexError):
+        mapo_masks(model, ids + VOCAB, attn, comp[:, 1:])          # out-of-vocabulary ids fail inside the forward
+    assert _hook_count(model) == 0 and model.training
+    model.eval()
+
+
+def test_uniform_and_other_mappings(models, batch):
+    model = models["neox"]
+    ids, attn, comp = batch
+    labels_mask = comp[:, 1:]
+    assert torch.equal(mapo_masks(model, ids, attn, labels_mask, hook="uniform"), labels_mask.float())
+    sig = mapo_masks(model, ids, attn, labels_mask, mapping="sigmoid")
+    on = labels_mask == 1
+    assert (sig[on] > 0).all() and (sig[on] < 1).all() and (sig[~on] == 0).all()
+    for mapping in ("layernorm", "none"):
+        out = mapo_masks(model, ids, attn, labels_mask, hook=("attn", "resid"), mapping=mapping)
+        assert (out[~on] == 0).all() and torch.isfinite(out).all()
+
+
+def test_mapo_batch_masks_split_sides(models, batch):
+    model = models["gpt2"]
+    ids, attn, comp = batch
+    other = torch.roll(ids, 1, dims=1)
+    b = {"chosen_input_ids": ids, "chosen_attention_mask": attn, "chosen_completion_mask": comp,
+         "rejected_input_ids": other, "rejected_attention_mask": attn, "rejected_completion_mask": comp}
+    chosen, rejected = mapo_batch_masks(model, b)
+    torch.testing.assert_close(chosen, mapo_masks(model, ids, attn, comp[:, 1:]))
+    torch.testing.assert_close(rejected, mapo_masks(model, other, attn, comp[:, 1:]))
+
+
+def test_mapo_on_peft_wrapped_reference(models, batch):
+    from peft import LoraConfig, get_peft_model
+    ids, attn, comp = batch
+    base = _gpt2().eval()
+    expected = mapo_masks(base, ids, attn, comp[:, 1:])
+    wrapped = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    torch.testing.assert_close(mapo_masks(wrapped, ids, attn, comp[:, 1:]), expected)   # LoRA B = 0 at init
+    assert _hook_count(wrapped) == 0
+
+
+def test_mapo_bad_inputs(models, batch):
+    ids, attn, comp = batch
+    with pytest.raises(ValueError, match="labels_mask"):
+        mapo_masks(models["gpt2"], ids, attn, comp)
+    with pytest.raises(ValueError, match="hook"):
+        mapo_masks(models["gpt2"], ids, attn, comp[:, 1:], hook="mlp,heads")
+    with pytest.raises(ValueError, match="mapping"):
+        mapo_masks(models["gpt2"], ids, attn, comp[:, 1:], mapping="softmax")
+
+
+# ------------------------------------------------------------------------------------------------ SparsePO
+def _ref_layers(n_layers=3, d=16, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 8, d, generator=g).requires_grad_(requires_grad) for _ in range(n_layers)]
+
+
+def test_sparsepo_mask_shape_sign_and_zeros():
+    torch.manual_seed(0)
+    net = SparsePOMask(3, 16)
+    mask = torch.ones(4, 7)
+    mask[0, :3] = 0
+    m = net(aligned_reference_layers(_ref_layers()), mask)
+    assert m.shape == (4, 7) and (m >= 0).all()
+    assert (m[mask == 0] == 0).all()
+    assert (m[mask == 1] == 0).any() and (m[mask == 1] > 0).any()        # ReLU gives exact zeros
+    dead = SparsePOMask(3, 16, mixer_init=-1.0)
+    assert (dead(_ref_layers()) == 0).all()
+    alive = SparsePOMask(3, 16, mixer_init=1.0)
+    assert torch.all(alive.mixer.weight == 1.0)
+
+
+def test_sparsepo_mask_equals_hand_formula():
+    """m = ReLU(Σ_ℓ w_mix[ℓ] · ReLU(W_ℓ · LayerNorm(h_ℓ) + b_ℓ)) with ONE LayerNorm for all layers."""
+    torch.manual_seed(1)
+    net = SparsePOMask(3, 16)
+    with torch.no_grad():
+        net.layer_norm.weight.uniform_(0.5, 1.5)
+        net.layer_norm.bias.uniform_(-0.1, 0.1)
+    layers = _ref_layers()
+    ln = net.layer_norm
+    total = 0
+    for l, h in enumerate(layers):
+        normed = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + ln.eps)
+        normed = normed * ln.weight + ln.bias
+        score = torch.relu(normed @ net.layer_scorers[l].weight[0] + net.layer_scorers[l].bias[0])
+        total = total + net.mixer.weight[0, l] * score
+    torch.testing.assert_close(net(layers), torch.relu(total))
+
+
+def test_sparsepo_gradients_reach_parameters_not_reference():
+    torch.manual_seed(0)
+    net = SparsePOMask(3, 16, mixer_init=0.5)
+    layers = _ref_layers(requires_grad=True)
+    net(layers).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(h.grad is None for h in layers)
+
+
+def test_sparsepo_structure_common_and_independent():
+    common = SparsePOMasks(3, 16, mode="common")
+    indep = SparsePOMasks(3, 16, mode="independent")
+    per_net = 3 * (16 + 1) + 3 + 2 * 16                   # L(d+1) + L + 2d (papers.md §1.3)
+    assert sum(p.numel() for p in common.parameters()) == per_net
+    assert sum(p.numel() for p in indep.parameters()) == 2 * per_net
+    for masks in (common, indep):
+        assert all("_mask" in name for name, _ in masks.named_parameters())
+        for net in masks.children():
+            assert sum(isinstance(m, torch.nn.LayerNorm) for m in net.modules()) == 1   # shared LayerNorm
+    layers = _ref_layers()
+    reward, kl = common(layers)
+    assert reward is kl
+    reward, kl = indep(layers)
+    assert reward.shape == kl.shape and not torch.equal(reward, kl)
+    assert {n.split(".")[0] for n, _ in indep.named_parameters()} == {"rw_mask", "kl_mask"}
+
+
+def test_sparsepo_resc_activation_and_config():
+    net = SparsePOMask(3, 16, layer_activation="resc", mixer_activation="resc")
+    mask = torch.ones(4, 8)
+    mask[1, 5:] = 0
+    m = net(_ref_layers(), mask)
+    assert (m >= 0).all() and (m <= 1 + 1e-6).all()
+    assert torch.allclose(m.amax(-1), torch.ones(4))
+    cfg = GPT2Config(n_layer=5, n_embd=24, n_head=2, layer_norm_epsilon=1e-4)
+    masks = SparsePOMasks.from_model_config(cfg, mode="independent", dropout=0.01)
+    assert masks.rw_mask.n_layers == 5 and masks.rw_mask.layer_norm.eps == 1e-4
+    with pytest.raises(ValueError, match="expects 5 layer states"):
+        masks.rw_mask(_ref_layers(3, 24))
+    with pytest.raises(ValueError, match="mode"):
+        SparsePOMasks(3, 16, mode="shared")
+
+
+def test_mask_summary():
+    weights = torch.tensor([[0.0, 0.5, 0.0, 9.0], [1.0, 0.0, 2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    out = mask_summary(weights, mask)
+    assert out["sparsity"].item() == pytest.approx((2 / 3 + 2 / 4) / 2)
+    assert out["mean"].item() == pytest.approx((0.5 / 3 + 3 / 4) / 2)
+
+
+# ---------------------------------------------------------------------------------------------------- SePO
+def test_sepo_selection_counts_and_extremes():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 15, generator=g)
+    mask = torch.zeros(3, 15, dtype=torch.long)
+    mask[0, 2:12] = 1          # N = 10 -> 3
+    mask[1, 5:7] = 1           # N = 2  -> int(0.6) = 0 -> raised to 1
+    mask[2, :] = 1             # N = 15 -> 4
+    scores[0, 0] = 100.0       # prompt token with the largest score: never selected
+    for highest in (True, False):
+        sel = sepo_selection(scores, mask, 0.3, highest=highest)
+        assert sel.sum(-1).tolist() == [3, 1, 4]
+        assert (sel[mask == 0] == 0).all()
+        for row in range(3):
+            on = mask[row] == 1
+            picked, rest = scores[row][on & (sel[row] == 1)], scores[row][on & (sel[row] == 0)]
+            if highest:
+                assert picked.min() >= rest.max()
+            else:
+                assert picked.max() <= rest.min()
+    assert sepo_selection(scores, mask, 0.3, True, min_count=0).sum(-1).tolist() == [3, 0, 4]
+
+
+def test_sepo_ties_and_official_int_rounding():
+    scores = torch.zeros(1, 8)
+    mask = torch.ones(1, 8)
+    assert sepo_selection(scores, mask, 0.5, highest=True).tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]
+    assert sepo_selection(scores, mask, 0.5, highest=False).tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]
+    assert selection_counts(torch.ones(1, 100), 0.29).item() == int(0.29 * 100) == 28
+    with pytest.raises(ValueError, match="ratio"):
+        selection_counts(mask, 0.0)
+    with pytest.raises(ValueError, match="row 0"):
+        sepo_selection(torch.full((1, 8), float("nan")), mask, 0.3, True)
+
+
+def test_oracle_scores(models, batch):
+    ids, attn, comp = batch
+    oracle, reference = models["gpt2"], _gpt2().eval()
+    scores = oracle_scores(oracle, reference, ids, attn, comp)
+    labels = ids[:, 1:]
+    with torch.no_grad():
+        lp_o = torch.log_softmax(oracle(ids, attention_mask=attn).logits[:, :-1], -1)
+        lp_r = torch.log_softmax(reference(ids, attention_mask=attn).logits[:, :-1], -1)
+    expected = (lp_o - lp_r).gather(-1, labels[..., None]).squeeze(-1) * comp[:, 1:]
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert (scores[comp[:, 1:] == 0] == 0).all()
+    assert (oracle_scores(oracle, oracle, ids, attn, comp) == 0).all()
+
+
+# -------------------------------------------------------------------------------------------------- random
+def test_random_masks_are_seeded():
+    mask = torch.ones(4, 20)
+    mask[:, :5] = 0
+
+    def gen(seed):
+        return torch.Generator().manual_seed(seed)
+    a, b, c = (random_mask(mask, gen(s)) for s in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[mask == 0] == 0).all() and (a[mask == 1] > 0).all() and (a < 1).all()
+    bern = random_mask(mask, gen(3), kind="bernoulli", p=0.25)
+    assert set(bern.unique().tolist()) <= {0.0, 1.0} and (bern[mask == 0] == 0).all()
+    s1, s2 = random_selection(mask, 0.3, gen(7)), random_selection(mask, 0.3, gen(7))
+    assert torch.equal(s1, s2) and s1.sum(-1).tolist() == [4] * 4 and (s1[mask == 0] == 0).all()
+    assert not torch.equal(s1, random_selection(mask, 0.3, gen(8)))
+    with pytest.raises(ValueError, match="kind"):
+        random_mask(mask, kind="gaussian")
