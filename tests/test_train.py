@@ -71,37 +71,43 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 # ------------------------------------------------------------------------------------------- resume
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     run_dir = tmp_path / "killed"
-    cmd = [sys.executable, str(SCRIPT), "--out-dir", str(run_dir), "--max-steps", "8", "--save-every", "3",
-           "--sleep-after-step", "4", "--method", "sparsepo"]
+    # 16 pairs, 2 per micro-batch, 2 micro-batches per step: 4 steps an epoch; checkpoint-5 is mid-epoch 1.
+    cmd = [sys.executable, str(SCRIPT), "--out-dir", str(run_dir), "--max-steps", "8", "--save-every", "5",
+           "--batch-size", "2", "--grad-accum", "2", "--sleep-after-step", "6", "--method", "sparsepo"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         while not (run_dir / "sleeping").exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the run never reached step 4"
+            assert time.time() < deadline, "the run never reached step 6"
             time.sleep(0.2)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-3"]
-    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]  # step 4 was logged after the checkpoint
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-5"]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]  # step 6 was logged after it
+    state = json.loads((run_dir / "checkpoint-5" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["micro_batches"]) == (1, 2)
 
-    resumed = helper.run(run_dir, method="sparsepo", max_steps=8, save_every=3, resume=True)
-    first = helper.run(tmp_path / "a", method="sparsepo", max_steps=8, save_every=3)
-    second = helper.run(tmp_path / "b", method="sparsepo", max_steps=8, save_every=3)
+    settings = dict(method="sparsepo", max_steps=8, save_every=5, batch_size=2, grad_accum=2)
+    resumed = helper.run(run_dir, resume=True, **settings)
+    first = helper.run(tmp_path / "a", **settings)
+    second = helper.run(tmp_path / "b", **settings)
 
     assert first.history == second.history  # same seed, same numbers
     assert resumed.history == first.history
     assert read_metrics(run_dir) == first.history
-    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-6", "checkpoint-8"]  # keep_last=2
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-5", "checkpoint-8"]  # and the final step
     for name, value in first.policy.state_dict().items():
         assert torch.equal(value, resumed.policy.state_dict()[name]), name
     for name, value in first.masks.state_dict().items():
         assert torch.equal(value, resumed.masks.state_dict()[name]), name
 
 
-def test_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
-    helper.run(tmp_path, max_steps=1)
+def test_checkpoint_rotation_and_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
+    helper.run(tmp_path, max_steps=4, save_every=1, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
     with pytest.raises(ValueError, match="already holds a run"):
         helper.run(tmp_path, max_steps=1)
 

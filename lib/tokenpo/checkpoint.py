@@ -11,18 +11,23 @@ batches already consumed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from .utils import package_versions
 
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
@@ -177,3 +182,58 @@ def json_safe(value: Any) -> Any:
     if hasattr(value, "to_dict"):
         return json_safe(value.to_dict())
     return repr(value)
+
+
+def resume_point(out_dir: Path, resume: bool | str | Path) -> Path | None:
+    """The checkpoint a run starts from: None (fresh), the newest complete one (``resume=True``; None if there is
+    none) or the given folder. A fresh start in a folder that already holds a run is refused."""
+    if resume not in (False, None, True):
+        path = Path(resume)
+        if not path.is_dir():
+            raise ValueError(f"resume={str(resume)!r} is not a checkpoint folder")
+        return path
+    existing = latest_checkpoint(out_dir)
+    if resume:
+        return existing
+    if existing is not None or (out_dir / METRICS_FILE).exists():
+        raise ValueError(f"run folder {out_dir} already holds a run: pass resume=True to continue it, or choose "
+                         "another TrainConfig.out_dir")
+    return None
+
+
+def write_config(out_dir: Path, config, hparams: dict, accelerator, resumed: bool) -> None:
+    """``config.json``: the (dataclass) config, the objective's effective hyper-parameters, the process count and
+    package versions; on resume, warn if the config differs from the one the run started with."""
+    record = {"config": json_safe(dataclasses.asdict(config)), "objective_hparams": json_safe(hparams),
+              "num_processes": accelerator.num_processes, "versions": package_versions()}
+    path = out_dir / "config.json"
+    if resumed and path.exists():
+        before = json.loads(path.read_text()).get("config")
+        if before != record["config"]:
+            changed = sorted(k for k in record["config"] if before.get(k) != record["config"][k])
+            warnings.warn(f"resuming {out_dir} with a different config ({changed}); the run will not match an "
+                          "uninterrupted one", stacklevel=3)
+        return
+    path.write_text(json.dumps(record, indent=2))
+
+
+def save_final(accelerator, unwrapped, tokenizer, out_dir: Path) -> Path:
+    """``out_dir/final``: ``save_pretrained`` of ``unwrapped.policy`` (adapters only with PEFT), the mask networks
+    (``token_mask.safetensors``) and the tokenizer, written into a temporary folder and renamed."""
+    final = out_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = out_dir / f".final.{uuid.uuid4().hex}.tmp"
+        unwrapped.policy.save_pretrained(str(tmp))
+        if unwrapped.token_mask is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.token_mask.state_dict().items()},
+                      str(tmp / "token_mask.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final

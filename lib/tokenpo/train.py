@@ -10,21 +10,23 @@ DESIGN.md, plus ``step``, ``epoch``, ``lr``, ``grad_norm``) to ``<out_dir>/metri
     result.history[-1]["rewards/accuracies"], result.policy, result.masks
 
 Extra inputs of token-level methods: SparsePO masks are computed by the trainer (mask networks on the reference's
-per-layer hidden states) and MaPO masks by :func:`tokenpo.masks.mapo_masks`; SePO selections, TIS-DPO weights and
-FPO features come as batch columns ``chosen_<name>``/``rejected_<name>`` or from ``TrainConfig.extra_inputs_fn``
-(see :class:`tokenpo.train_step.StepInputs`).
+per-layer hidden states) and MaPO masks by :func:`tokenpo.masks.mapo_masks`. Everything else comes as batch columns
+``chosen_<name>``/``rejected_<name>`` (e.g. TIS-DPO ``weights``, SePO ``selections``) or from a hook
+``TrainConfig.extra_inputs_fn(StepInputs) -> dict`` (:class:`tokenpo.train_step.StepInputs`); ready-made hooks:
+:func:`tokenpo.train_hooks.sepo_inputs` (SePO / SePO-rand selections from oracle-score columns) and
+:func:`tokenpo.train_hooks.fpo_inputs` (FPO pooled SAE features, live reference or offline cache).
+
+Module map: ``train_config`` (TrainConfig, the per-batch plan, LoRA, masks), ``train_step`` (one batch: forward of
+2B rows, statistics, extra inputs, loss), ``train_hooks``, ``checkpoint`` (data order, metrics log, checkpoints),
+``optim`` (parameter groups, schedules), ``sft`` (reference models).
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 import os
-import shutil
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,17 +37,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .cache import cache_root
-from .checkpoint import (METRICS_FILE, EpochSampler, MetricsLog, json_safe, latest_checkpoint, load_checkpoint,
-                         read_metrics, save_checkpoint)
+from .checkpoint import (METRICS_FILE, EpochSampler, MetricsLog, latest_checkpoint, load_checkpoint, read_metrics,
+                         resume_point, save_checkpoint, save_final, write_config)
 from .losses import get_objective
 from .optim import delayed_factor, parameter_groups, schedule_factor
 from .train_config import (TrainConfig, apply_lora, build_masks, default_collator, disable_dropout, is_peft,
                            make_plan, objective_hparams)
+from .train_hooks import fpo_inputs, sepo_inputs
 from .train_step import StepInputs, StepPlan, TrainablePolicy, compute_batch, split_pairs
-from .utils import package_versions, set_seed
+from .utils import set_seed
 
 __all__ = ["TrainConfig", "TrainResult", "TrainCallback", "NonFiniteLossError", "StepInputs", "split_pairs",
-           "train", "evaluate_pairs"]
+           "train", "evaluate_pairs", "sepo_inputs", "fpo_inputs"]
 
 EVAL_METRICS_FILE = "eval_metrics.jsonl"
 
@@ -134,7 +137,7 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
                               cpu=config.cpu, step_scheduler_with_optimizer=False)
     main = accelerator.is_main_process
     out_dir = _run_dir(config, resume, accelerator)
-    resume_from = _resume_point(out_dir, resume)
+    resume_from = resume_point(out_dir, resume)
     callbacks = list(callbacks or [])
     set_seed(config.seed, deterministic=config.deterministic)
 
@@ -193,7 +196,7 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
         out_dir.mkdir(parents=True, exist_ok=True)
         log.truncate_after(step)
         eval_log.truncate_after(step)
-        _write_config(out_dir, config, hparams, accelerator, resumed=resume_from is not None)
+        write_config(out_dir, config, hparams, accelerator, resumed=resume_from is not None)
     accelerator.wait_for_everyone()
     history = read_metrics(out_dir / METRICS_FILE) if step and (out_dir / METRICS_FILE).exists() else []
     eval_history = read_metrics(out_dir / EVAL_METRICS_FILE) if step and (out_dir / EVAL_METRICS_FILE).exists() else []
@@ -217,67 +220,69 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
     sums: dict[str, torch.Tensor] = {}
     n_micro, step_rows = 0, []
     last_checkpoint = latest_checkpoint(out_dir) if resume_from is not None else None
-    while step < total_steps:
-        loader.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, micro) if micro else loader
-        for batch in epoch_loader:
-            with accelerator.accumulate(module):
-                result = compute_batch(plan, module, reference, batch, unwrapped=unwrapped, step=step + 1,
-                                       autocast=autocast)
-                _check_finite(accelerator, result.losses, batch["row_index"], step + 1)
-                accelerator.backward(result.losses.mean())
-                for name, value in result.metrics.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-                n_micro += 1
-                step_rows.append(batch["row_index"])
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        module.parameters(), config.max_grad_norm if config.max_grad_norm else float("inf"))
-                    grad_norm = float(grad_norm)
-                    if not math.isfinite(grad_norm):
-                        rows = accelerator.gather(torch.cat(step_rows)).tolist()
-                        raise NonFiniteLossError("gradient norm", step + 1, rows, rows)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
-            scheduler.step()
-            step += 1
-            row = {"step": step, "epoch": epoch + micro / len(loader),
-                   "lr": next((lr for name, lr in lrs.items() if name != "masks"), lrs.get("masks"))}
-            if "masks" in lrs:
-                row["lr_mask"] = lrs["masks"]
-            row["grad_norm"] = grad_norm
-            row.update(_reduce_means(accelerator, sums, n_micro))
-            sums, n_micro, step_rows = {}, 0, []
-            history.append(row)
-            log.append(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
-            position = (epoch + 1, 0) if micro == len(loader) else (epoch, micro)
-            if config.save_every and (step % config.save_every == 0 or step == total_steps):
-                last_checkpoint = save_checkpoint(
-                    accelerator, out_dir, step,
-                    {"step": step, "epoch": position[0], "micro_batches": position[1], "total_steps": total_steps},
-                    config.keep_last)
+    try:
+        while step < total_steps:
+            loader.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, micro) if micro else loader
+            for batch in epoch_loader:
+                with accelerator.accumulate(module):
+                    result = compute_batch(plan, module, reference, batch, unwrapped=unwrapped, step=step + 1,
+                                           autocast=autocast)
+                    _check_finite(accelerator, result.losses, batch["row_index"], step + 1)
+                    accelerator.backward(result.losses.mean())
+                    for name, value in result.metrics.items():
+                        sums[name] = sums.get(name, 0.0) + value.detach().float()
+                    n_micro += 1
+                    step_rows.append(batch["row_index"])
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(
+                            module.parameters(), config.max_grad_norm if config.max_grad_norm else float("inf"))
+                        grad_norm = float(grad_norm)
+                        if not math.isfinite(grad_norm):
+                            rows = accelerator.gather(torch.cat(step_rows)).tolist()
+                            raise NonFiniteLossError("gradient norm", step + 1, rows, rows)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+                scheduler.step()
+                step += 1
+                row = {"step": step, "epoch": epoch + micro / len(loader),
+                       "lr": next((lr for name, lr in lrs.items() if name != "masks"), lrs.get("masks"))}
+                if "masks" in lrs:
+                    row["lr_mask"] = lrs["masks"]
+                row["grad_norm"] = grad_norm
+                row.update(_reduce_means(accelerator, sums, n_micro))
+                sums, n_micro, step_rows = {}, 0, []
+                history.append(row)
+                log.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
+                position = (epoch + 1, 0) if micro == len(loader) else (epoch, micro)
+                if config.save_every and (step % config.save_every == 0 or step == total_steps):
+                    last_checkpoint = save_checkpoint(
+                        accelerator, out_dir, step,
+                        {"step": step, "epoch": position[0], "micro_batches": position[1], "total_steps": total_steps},
+                        config.keep_last)
+                    for cb in callbacks if main else ():
+                        _call(cb, "on_checkpoint", step, last_checkpoint, unwrapped.policy, unwrapped.token_mask)
+                if eval_loader is not None and ((config.eval_every and step % config.eval_every == 0)
+                                                or step == total_steps):
+                    evaluate_now()
                 for cb in callbacks if main else ():
-                    _call(cb, "on_checkpoint", step, last_checkpoint, unwrapped.policy, unwrapped.token_mask)
-            if eval_loader is not None and ((config.eval_every and step % config.eval_every == 0)
-                                            or step == total_steps):
-                evaluate_now()
-            for cb in callbacks if main else ():
-                _call(cb, "on_step_end", step, row, unwrapped.policy, unwrapped.token_mask)
-            if step >= total_steps:
-                break
-        else:
-            epoch, micro = epoch + 1, 0
-    bar.close()
-    log.close()
-    eval_log.close()
-    final_dir = _save_final(accelerator, unwrapped, tokenizer, out_dir) if config.save_final else None
+                    _call(cb, "on_step_end", step, row, unwrapped.policy, unwrapped.token_mask)
+                if step >= total_steps:
+                    break
+            else:
+                epoch, micro = epoch + 1, 0
+    finally:
+        bar.close()
+        log.close()
+        eval_log.close()
+    final_dir = save_final(accelerator, unwrapped, tokenizer, out_dir) if config.save_final else None
     return TrainResult(policy=unwrapped.policy, masks=unwrapped.token_mask, out_dir=out_dir, history=history,
                        eval_history=eval_history, steps=step, last_checkpoint=last_checkpoint, final_dir=final_dir)
 
@@ -298,35 +303,6 @@ def _call(callback: Any, hook: str, *args) -> None:
     fn = getattr(callback, hook, None)
     if fn is not None:
         fn(*args)
-
-
-def _resume_point(out_dir: Path, resume: bool | str | Path) -> Path | None:
-    if resume not in (False, None, True):
-        path = Path(resume)
-        if not path.is_dir():
-            raise ValueError(f"resume={str(resume)!r} is not a checkpoint folder")
-        return path
-    existing = latest_checkpoint(out_dir)
-    if resume:
-        return existing
-    if existing is not None or (out_dir / METRICS_FILE).exists():
-        raise ValueError(f"run folder {out_dir} already holds a run: pass resume=True to continue it, or choose "
-                         "another TrainConfig.out_dir")
-    return None
-
-
-def _write_config(out_dir: Path, config: TrainConfig, hparams: dict, accelerator, resumed: bool) -> None:
-    record = {"config": json_safe(dataclasses.asdict(config)), "objective_hparams": json_safe(hparams),
-              "num_processes": accelerator.num_processes, "versions": package_versions()}
-    path = out_dir / "config.json"
-    if resumed and path.exists():
-        before = json.loads(path.read_text()).get("config")
-        if before != record["config"]:
-            changed = sorted(k for k in record["config"] if before.get(k) != record["config"][k])
-            warnings.warn(f"resuming {out_dir} with a different config ({changed}); the run will not match an "
-                          "uninterrupted one", stacklevel=3)
-        return
-    path.write_text(json.dumps(record, indent=2))
 
 
 def _check_finite(accelerator, losses: torch.Tensor, row_index: torch.Tensor, step: int) -> None:
@@ -362,27 +338,6 @@ def _evaluate(plan: StepPlan, module, unwrapped, reference, loader, accelerator,
     names = sorted(sums)
     totals = accelerator.reduce(torch.stack([sums[n] for n in names] + [pairs]), "sum")
     return {name: float(v) / float(totals[-1]) for name, v in zip(names, totals[:-1].tolist())}
-
-
-def _save_final(accelerator, unwrapped: TrainablePolicy, tokenizer, out_dir: Path) -> Path:
-    """`save_pretrained` of the policy (adapters only with PEFT) and the mask networks, written atomically."""
-    final = out_dir / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp = out_dir / f".final.{uuid.uuid4().hex}.tmp"
-        unwrapped.policy.save_pretrained(str(tmp))
-        if unwrapped.token_mask is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.token_mask.state_dict().items()},
-                      str(tmp / "token_mask.safetensors"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def evaluate_pairs(policy: nn.Module, reference: nn.Module | None, dataset, config: TrainConfig, tokenizer=None,

@@ -20,6 +20,8 @@ from .losses import LossOutput, Objective
 from .tokens import TokenStats, chunked_token_stats, completion_labels, hidden_states, output_head, token_stats
 
 PAIR_SIDES = ("chosen", "rejected")
+BATCH_KEYS = tuple(f"{side}_{key}" for side in PAIR_SIDES for key in ("input_ids", "attention_mask", "completion_mask")
+                   ) + ("row_index",)
 
 
 def split_pairs(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,6 +182,10 @@ def compute_batch(plan: StepPlan, module: nn.Module, reference: nn.Module | None
     ``module`` is the (possibly DDP-wrapped) :class:`TrainablePolicy`; ``unwrapped`` the bare one (defaults to
     ``module``); ``reference`` a frozen reference model, or None to use the PEFT policy with adapters disabled."""
     unwrapped = module if unwrapped is None else unwrapped
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing}: use tokenpo.data.preference.PreferenceCollator (or a collator "
+                         "giving the batch dict of CONTEXT.md, including the dataset row of each pair, row_index)")
     input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     completion = torch.cat([batch["chosen_completion_mask"], batch["rejected_completion_mask"]])
