@@ -87,7 +87,7 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a `metrics.jsonl` file (or of the one in a run folder); a torn last line (a killed run) is skipped."""
+    """The rows of a `metrics.jsonl` file (or of the one in a run folder); a torn line (a killed run) is skipped."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE

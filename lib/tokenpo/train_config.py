@@ -37,6 +37,8 @@ class TrainConfig:
     max_steps: optimizer steps; None = ``epochs`` full passes over the data.
     batch_size: pairs per device per micro-batch; the global batch is batch_size × processes × grad_accum.
     grad_accum, max_grad_norm (None = no clipping; the norm is logged either way).
+    shuffle: row order per epoch is a permutation drawn from (seed, epoch); drop_last: drop a last partial batch
+        (otherwise 🤗 Accelerate pads the last global batch with rows from the start when processes > 1).
 
     > Per-token statistics
     chunk_size: None = plain path from full logits; an int = chunked path from hidden states, never more than
@@ -61,7 +63,9 @@ class TrainConfig:
     out_dir: the run folder; None = a new folder under ``<cache>/runs``.
     save_every / keep_last: checkpoint every N steps (and at the end), keep the newest K. eval_every: evaluate on
     ``eval_dataset`` every N steps (and before the first and after the last). seed: model init, LoRA, data order.
+    deterministic: ask PyTorch for deterministic kernels (``tokenpo.utils.set_seed``).
     mixed_precision: "no" | "fp16" | "bf16" (🤗 Accelerate). cpu: force the CPU. progress: show a tqdm bar.
+    save_final: write ``out_dir/final`` (policy ``save_pretrained``, ``token_mask.safetensors``, tokenizer).
     """
 
     method: str = "dpo"
@@ -120,7 +124,8 @@ class TrainConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"TrainConfig.{name} must be None or a positive integer, got {value!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"TrainConfig.mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+            raise ValueError("TrainConfig.mixed_precision must be 'no', 'fp16' or 'bf16', "
+                             f"got {self.mixed_precision!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         schedule_factor(self.schedule, 1, 0)  # validates the name
@@ -165,7 +170,8 @@ def build_masks(policy: nn.Module, config: TrainConfig, hparams: dict[str, Any])
     mask_on_kl False) a single network is built even in independent mode: a second one would get no gradient."""
     from .masks import SparsePOMasks
 
-    one_net = hparams.get("common", True) or not (hparams.get("mask_on_reward", True) and hparams.get("mask_on_kl", True))
+    both_masked = hparams.get("mask_on_reward", True) and hparams.get("mask_on_kl", True)
+    one_net = hparams.get("common", True) or not both_masked
     return SparsePOMasks.from_model_config(policy.config, mode="common" if one_net else "independent",
                                            **config.mask_kwargs)
 

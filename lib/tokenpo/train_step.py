@@ -1,4 +1,4 @@
-"""The computation of one preference-training micro-batch, shared by the trainer and by hand-checks in tests.
+"""The computation of one preference-training micro-batch, shared by `train` and `evaluate_pairs`.
 
 A batch of B pairs runs as one forward of 2B rows, [all chosen rows; all rejected rows] (as TRL does). Reference
 outputs are computed first, without gradients; then the trainable module (policy + SparsePO mask networks) runs once,
@@ -70,7 +70,11 @@ class TrainablePolicy(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
                 reference: dict[str, Any] | None = None, *, chunk_size: int | None = None, with_kl: bool = False,
-                detach_kl: bool = False, policy_layers: bool = False, as_reference: bool = False, reference_layers: bool = False) -> dict[str, Any]:
+                detach_kl: bool = False, policy_layers: bool = False, as_reference: bool = False,
+                reference_layers: bool = False) -> dict[str, Any]:
+        """Policy statistics [2B, T] (``logps``, ``mask``, ``ref_logps``, ``kl``), per-layer states (``layers``) and
+        SparsePO masks for rows ``input_ids`` [2B, L], given the reference outputs; or, with ``as_reference``, the
+        reference outputs themselves (PEFT policy, adapters disabled, no gradient)."""
         if as_reference:  # the PEFT policy with adapters disabled is the reference (no copy of the base model)
             with torch.no_grad(), self.policy.disable_adapter():
                 return model_outputs(self.policy, input_ids, attention_mask, chunk_size, reference_layers)
