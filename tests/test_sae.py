@@ -106,6 +106,10 @@ def test_save_load_round_trip(tmp_path, kind):
     for a, b in zip(sae(x), loaded(x)):
         assert torch.equal(a, b)
     assert loaded.config == sae.config and loaded.training_curve == sae.training_curve
+    assert loaded.fingerprint() == sae.fingerprint()
+    with torch.no_grad():
+        loaded.b_dec[0] += 1e-3
+    assert loaded.fingerprint() != sae.fingerprint()
     with pytest.raises(ValueError, match="no SAE"):
         SparseAutoencoder.from_pretrained(tmp_path)
 

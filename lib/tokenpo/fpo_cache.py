@@ -138,6 +138,7 @@ class FPOReferenceCache:
                                          "sae": sae.fingerprint(), "reference": reference_name})
         model = unwrap_model(reference)
         device = next(model.parameters()).device
+        sae = sae.to(device)
         was_training = model.training
         model.eval()
         try:

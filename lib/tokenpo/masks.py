@@ -167,6 +167,11 @@ def _activate(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     return x
 
 
+def _config_norm_eps(config) -> float:
+    return next((getattr(config, k) for k in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps")
+                 if getattr(config, k, None) is not None), 1e-5)
+
+
 def aligned_reference_layers(layers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Reference per-layer hidden states [B, L, d] (embedding output excluded, HF `hidden_states[1:]`) ->
     [B, L-1, d], detached: the state at position t predicts label y_{t+1}, so it gives mask[:, t]."""
@@ -208,9 +213,7 @@ class SparsePOMask(nn.Module):
     @classmethod
     def from_model_config(cls, config, **kwargs) -> "SparsePOMask":
         """Sizes (and the LayerNorm eps, as the official code) from a 🤗 config."""
-        eps = next((getattr(config, k) for k in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps")
-                    if getattr(config, k, None) is not None), 1e-5)
-        kwargs.setdefault("layer_norm_eps", eps)
+        kwargs.setdefault("layer_norm_eps", _config_norm_eps(config))
         return cls(config.num_hidden_layers, config.hidden_size, **kwargs)
 
     def forward(self, ref_layers: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -247,8 +250,7 @@ class SparsePOMasks(nn.Module):
 
     @classmethod
     def from_model_config(cls, config, mode: str = "common", **mask_kwargs) -> "SparsePOMasks":
-        probe = SparsePOMask.from_model_config(config, **mask_kwargs)
-        mask_kwargs.setdefault("layer_norm_eps", probe.layer_norm.eps)
+        mask_kwargs.setdefault("layer_norm_eps", _config_norm_eps(config))
         return cls(config.num_hidden_layers, config.hidden_size, mode=mode, **mask_kwargs)
 
     def reward(self, ref_layers, mask=None) -> torch.Tensor:
@@ -342,11 +344,18 @@ def oracle_scores(oracle: nn.Module, reference: nn.Module, input_ids: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- ablations
+def _uniform(mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """U(0, 1) of mask's shape drawn on the generator's device (so a CPU generator works for CUDA masks and gives
+    the same numbers on every device), moved to mask's device."""
+    device = generator.device if generator is not None else mask.device
+    return torch.rand(mask.shape, generator=generator, device=device).to(mask.device)
+
+
 def random_mask(mask: torch.Tensor, generator: torch.Generator | None = None, kind: str = "uniform",
                 p: float = 0.5) -> torch.Tensor:
     """Random token weights [B, T], 0 off `mask`: "uniform" U(0, 1) (official `RandomMask` ablation) or
     "bernoulli" (1 with probability p)."""
-    u = torch.rand(mask.shape, generator=generator, device=mask.device)
+    u = _uniform(mask, generator)
     if kind == "uniform":
         return u * mask.bool()
     if kind == "bernoulli":
@@ -359,5 +368,5 @@ def random_mask(mask: torch.Tensor, generator: torch.Generator | None = None, ki
 def random_selection(mask: torch.Tensor, ratio: float, generator: torch.Generator | None = None,
                      min_count: int = 1) -> torch.Tensor:
     """SePO-rand: 0/1 [B, T] with exactly `selection_counts(mask, ratio)` uniformly random completion tokens per row."""
-    u = torch.rand(mask.shape, generator=generator, device=mask.device)
+    u = _uniform(mask, generator)
     return sepo_selection(u, mask, ratio, highest=True, min_count=min_count)

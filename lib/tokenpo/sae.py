@@ -14,12 +14,13 @@ precomputed once per dataset row (`FPOReferenceCache`) so that no reference mode
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save
@@ -27,8 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tokenpo.activation_hooks import model_layout, unwrap_model
-from tokenpo.cache import atomic_write_bytes, atomic_write_text, content_hash
-from tokenpo.masks import completion_label_logps
+from tokenpo.cache import atomic_write_bytes, atomic_write_text
 
 SITES = ("block_out", "final_norm")
 
@@ -164,12 +164,12 @@ class SparseAutoencoder(nn.Module):
         return sae
 
     def fingerprint(self) -> str:
-        """Short content hash of config + weights (ties an FPO cache to the SAE it was built with)."""
-        digest = content_hash({"config": asdict(self.config),
-                               "w": float(self.W_enc.detach().double().sum()),
-                               "w2": float(self.W_dec.detach().double().square().sum()),
-                               "b": float(self.b_enc.detach().double().sum())})
-        return digest
+        """sha256 (16 hex) of the config and every weight's bytes: ties an FPO cache to the SAE it was built with."""
+        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------- activations
@@ -250,9 +250,9 @@ def collect_activations(model: nn.Module, data: Iterable, layer: int, tokenizer=
             for batch in tqdm(batches(), desc=f"activations L{layer}", disable=not progress, leave=False):
                 ids = batch["input_ids"].to(device)
                 attn = batch["attention_mask"].to(device)
-                keep = batch["completion_mask"].to(device) if completion_only else attn
                 if completion_only and "completion_mask" not in batch:
                     raise ValueError("completion_only=True needs batches with a completion_mask")
+                keep = batch["completion_mask"].to(device) if completion_only else attn
                 hidden = residual_stream(model_, ids, attn, layer, site)
                 vectors = hidden[keep.bool()].float().cpu()
                 out.append(vectors)
