@@ -142,44 +142,76 @@ def token_stats(logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None
     return TokenStats(logps=logps, mask=mask.to(dtype), ref_logps=ref_logps, kl=kl)
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """[c, V] float32 logits of one chunk; the matmul runs in the inputs' dtype, like the model's own LM head."""
-    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
-    return logits.to(_compute_dtype(logits))
+class _ChunkBuffers:
+    """Reusable [V, rows] float buffers for one call: on CPU a fresh 200 MB tensor per chunk costs more in page
+    faults than the elementwise work on it, so every chunk writes into the same storage."""
+
+    def __init__(self, count: int, vocab: int, rows: int, dtype: torch.dtype, device: torch.device):
+        self.storage = [torch.empty(vocab * rows, dtype=dtype, device=device) for _ in range(count)]
+        self.vocab = vocab
+
+    def get(self, index: int, rows: int) -> Tensor:
+        return self.storage[index][: self.vocab * rows].view(self.vocab, rows)
+
+
+def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """out[V, c] = (hidden @ weight.T + bias).T in the compute dtype.
+
+    The vocab-major layout makes the matmul ~1.4x faster on CPU than [c, V] (``W @ h.T`` is a plain NN/NT gemm
+    into contiguous memory). The matmul runs in the inputs' dtype, like the model's own LM head; bf16 logits are
+    then upcast.
+    """
+    if weight.dtype == out.dtype and hidden.dtype == out.dtype:
+        if bias is None:
+            return torch.mm(weight, hidden.t(), out=out)
+        return torch.addmm(bias.to(out.dtype).unsqueeze(1), weight, hidden.t(), out=out)
+    logits = weight @ hidden.t() if bias is None else torch.addmm(bias.unsqueeze(1), weight, hidden.t())
+    return out.copy_(logits)
+
+
+def _log_normaliser(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """(logsumexp over the vocabulary [c], Σ_v exp(z − max) [c]); leaves exp(z − max) in ``scratch``."""
+    top = logits.amax(0)
+    torch.sub(logits, top, out=scratch).exp_()
+    total = scratch.sum(0)
+    return top + total.log(), total
 
 
 class _ChunkedTokenStatsFunction(torch.autograd.Function):
     """(log π_θ(y), log π_ref(y), KL(π_ref‖π_θ)) per row of [M, H] hidden states, ``chunk_size`` rows at a time.
 
-    Backward recomputes each chunk's logits. With z the policy logits, p = softmax(z), q = softmax(z_ref):
-    ∂ log p_y / ∂z = onehot(y) − p and ∂ KL / ∂z = p − q, so ∂L/∂z = g_lp·(onehot(y) − p) + g_kl·(p − q).
+    Saves its inputs and one log-normaliser per row and side; backward recomputes each chunk's logits. With z the
+    policy logits, p = softmax(z), q = softmax(z_ref): ∂ log p_y/∂z = onehot(y) − p and ∂ KL/∂z = p − q, so
+    ∂L/∂z = g_lp·(onehot(y) − p) + g_kl·(p − q).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, chunk_size, with_kl):
-        rows = hidden.shape[0]
+        rows, vocab = hidden.shape[0], weight.shape[0]
         has_ref = ref_hidden is not None
         with_kl = with_kl and has_ref
-        f32 = dict(dtype=_compute_dtype(hidden), device=hidden.device)
+        dtype = _compute_dtype(hidden)
+        f32 = dict(dtype=dtype, device=hidden.device)
         logps, lse = torch.empty(rows, **f32), torch.empty(rows, **f32)
         ref_logps, ref_lse, kl = (torch.empty(rows if has_ref else 0, **f32) for _ in range(3))
+        buffers = _ChunkBuffers(3 if has_ref else 2, vocab, min(chunk_size, max(rows, 1)), dtype, hidden.device)
         for start in range(0, rows, chunk_size):
-            rows_c = slice(start, start + chunk_size)
-            target = labels[rows_c].unsqueeze(1)
-            z = _chunk_logits(hidden[rows_c], weight, bias)
-            lse[rows_c] = torch.logsumexp(z, -1)
-            logps[rows_c] = z.gather(1, target).squeeze(1) - lse[rows_c]
+            rows_c = slice(start, min(start + chunk_size, rows))
+            count = rows_c.stop - start
+            columns = torch.arange(count, device=hidden.device)
+            target = labels[rows_c]
+            z = _logits_into(buffers.get(0, count), hidden[rows_c], weight, bias)
+            lse[rows_c], _ = _log_normaliser(z, buffers.get(1, count))
+            logps[rows_c] = z[target, columns] - lse[rows_c]
             if not has_ref:
                 continue
-            z_ref = _chunk_logits(ref_hidden[rows_c], ref_weight, ref_bias)
-            ref_lse[rows_c] = torch.logsumexp(z_ref, -1)
-            ref_logps[rows_c] = z_ref.gather(1, target).squeeze(1) - ref_lse[rows_c]
+            z_ref = _logits_into(buffers.get(2, count), ref_hidden[rows_c], ref_weight, ref_bias)
+            ref_lse[rows_c], total = _log_normaliser(z_ref, buffers.get(1, count))
+            ref_logps[rows_c] = z_ref[target, columns] - ref_lse[rows_c]
             if with_kl:
-                # KL = Σ_v q_v (log q_v − log p_v); reuse the two logit buffers in place to stay at ~3 × chunk × V.
-                log_q = z_ref.sub_(ref_lse[rows_c].unsqueeze(1))
-                q = log_q.exp()
-                log_q.sub_(z).add_(lse[rows_c].unsqueeze(1))
-                kl[rows_c] = (q.mul_(log_q)).sum(-1)
+                # KL = Σ_v q_v (log q_v − log p_v) = Σ_v q_v (z_ref − z)_v + lse − lse_ref, as Σ_v q_v = 1.
+                q = buffers.get(1, count).div_(total)
+                kl[rows_c] = z_ref.sub_(z).mul_(q).sum(0) + lse[rows_c] - ref_lse[rows_c]
         ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, ref_lse)
         ctx.chunk_size, ctx.with_kl = chunk_size, with_kl
         ctx.mark_non_differentiable(ref_logps)
@@ -189,30 +221,37 @@ class _ChunkedTokenStatsFunction(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_ref_logps, grad_kl):
         hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, ref_lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        # Accumulate the weight gradient in float32 across chunks even for bfloat16 weights.
+        rows, vocab = hidden.shape[0], weight.shape[0]
         dtype = _compute_dtype(hidden)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # Accumulate the weight gradient in the compute dtype across chunks even for bfloat16 weights.
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_bias else None
+        if rows == 0 or not (need_hidden or need_weight or need_bias):
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
         with_kl = ctx.with_kl and grad_kl is not None and bool(grad_kl.any())
         grad_logps = grad_logps.to(dtype)
         coef_p = (grad_kl.to(dtype) - grad_logps) if with_kl else -grad_logps
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows_c = slice(start, start + ctx.chunk_size)
+        buffers = _ChunkBuffers(2 if with_kl else 1, vocab, min(ctx.chunk_size, rows), dtype, hidden.device)
+        for start in range(0, rows, ctx.chunk_size):
+            rows_c = slice(start, min(start + ctx.chunk_size, rows))
+            count = rows_c.stop - start
             hidden_c = hidden[rows_c]
-            grad_z = _chunk_logits(hidden_c, weight, bias).sub_(lse[rows_c].unsqueeze(1)).exp_()  # p
-            grad_z.mul_(coef_p[rows_c].unsqueeze(1))
+            grad_z = _logits_into(buffers.get(0, count), hidden_c, weight, bias)
+            grad_z.sub_(lse[rows_c]).exp_().mul_(coef_p[rows_c])                  # (g_kl − g_lp)·p
             if with_kl:
-                q = _chunk_logits(ref_hidden[rows_c], ref_weight, ref_bias).sub_(ref_lse[rows_c].unsqueeze(1)).exp_()
-                grad_z.sub_(q.mul_(grad_kl[rows_c].to(dtype).unsqueeze(1)))
-                del q
-            grad_z.scatter_add_(1, labels[rows_c].unsqueeze(1), grad_logps[rows_c].unsqueeze(1))
+                q = _logits_into(buffers.get(1, count), ref_hidden[rows_c], ref_weight, ref_bias)
+                grad_z.sub_(q.sub_(ref_lse[rows_c]).exp_().mul_(grad_kl[rows_c].to(dtype)))   # − g_kl·q
+            grad_z[labels[rows_c], torch.arange(count, device=hidden.device)] += grad_logps[rows_c]  # + g_lp·onehot
             if need_hidden:
-                grad_hidden[rows_c] = grad_z.to(weight.dtype) @ weight
+                if grad_hidden.dtype == dtype:
+                    torch.mm(grad_z.t(), weight, out=grad_hidden[rows_c])
+                else:
+                    grad_hidden[rows_c] = grad_z.t().to(weight.dtype) @ weight
             if need_weight:
-                grad_weight.addmm_(grad_z.t(), hidden_c.to(dtype))
+                grad_weight.addmm_(grad_z, hidden_c.to(dtype))
             if need_bias:
-                grad_bias.add_(grad_z.sum(0))
+                grad_bias.add_(grad_z.sum(1))
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
