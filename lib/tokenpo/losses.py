@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenpo.loss_checks import (Pair, base_metrics, check_nonnegative, check_positive, check_stats,
+                                 mask_metrics, token_pair)
 from tokenpo.tokens import TokenStats
 
 __all__ = ["LossOutput", "Objective", "OBJECTIVES", "get_objective",
            "dpo", "ipo", "simpo", "dpop", "tdpo1", "tdpo2", "mapo", "sparsepo", "sepo", "fpo", "tis_dpo"]
-
-Pair = tuple[Tensor, Tensor]
 
 
 @dataclass
@@ -34,93 +34,6 @@ class LossOutput:
     @property
     def loss(self) -> Tensor:
         return self.losses.mean()
-
-
-# --------------------------------------------------------------------------------------------------- validation
-def _check_stats(chosen: TokenStats, rejected: TokenStats, *, reference: bool = False, kl: bool = False) -> None:
-    for side, stats in (("chosen", chosen), ("rejected", rejected)):
-        shape = tuple(stats.mask.shape)
-        if len(shape) != 2:
-            raise ValueError(f"{side}.mask must be [B, T], got {shape}")
-        needed = {"logps": stats.logps, "ref_logps": stats.ref_logps if reference else 0,
-                  "kl": stats.kl if kl else 0}
-        for name, value in needed.items():
-            if value is None:
-                raise ValueError(f"{side}.{name} is None but this objective needs it"
-                                 + (" (compute the token statistics with a reference model)" if reference else ""))
-            if isinstance(value, Tensor) and tuple(value.shape) != shape:
-                raise ValueError(f"{side}.{name} has shape {tuple(value.shape)}, expected {shape} like {side}.mask")
-        empty = (stats.mask.sum(-1) <= 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"{side} row(s) {empty} have an empty completion (mask sums to 0); drop them upstream")
-    if chosen.mask.shape != rejected.mask.shape:
-        raise ValueError(f"chosen and rejected statistics differ in shape: {tuple(chosen.mask.shape)} vs "
-                         f"{tuple(rejected.mask.shape)} (pad both sides to the same length)")
-
-
-def _check_positive(**hparams: float) -> None:
-    for name, value in hparams.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def _check_nonnegative(**hparams: float) -> None:
-    for name, value in hparams.items():
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def _token_pair(name: str, pair: Pair | None, chosen: TokenStats, rejected: TokenStats,
-                binary: bool = False) -> Pair:
-    """Validate a (chosen, rejected) pair of [B, T] token weights and zero it off the completion."""
-    if pair is None:
-        raise ValueError(f"missing required extra input {name}=(chosen, rejected)")
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise ValueError(f"{name} must be a (chosen, rejected) pair of [B, T] tensors")
-    out = []
-    for side, values, stats in (("chosen", pair[0], chosen), ("rejected", pair[1], rejected)):
-        if tuple(values.shape) != tuple(stats.mask.shape):
-            raise ValueError(f"{name}[{side}] has shape {tuple(values.shape)}, expected {tuple(stats.mask.shape)} "
-                             f"like the {side} token statistics")
-        on_completion = values.detach()[stats.mask > 0]
-        if not torch.isfinite(on_completion).all():
-            raise ValueError(f"{name}[{side}] has non-finite values on completion tokens")
-        if (on_completion < 0).any():
-            row = int((values.detach() * stats.mask < 0).any(-1).nonzero()[0])
-            raise ValueError(f"{name}[{side}] has negative values (first in row {row}); token weights must be >= 0")
-        if binary and not ((on_completion == 0) | (on_completion == 1)).all():
-            raise ValueError(f"{name}[{side}] must be 0/1 on completion tokens")
-        out.append(values * stats.mask.to(values.dtype))
-    return out[0], out[1]
-
-
-# --------------------------------------------------------------------------------------------------- metrics
-def _metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, chosen: TokenStats,
-             rejected: TokenStats) -> dict[str, Tensor]:
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    metrics = {
-        "loss": losses.detach().mean(),
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "logps/chosen": chosen.seq_logps.detach().mean(),
-        "logps/rejected": rejected.seq_logps.detach().mean(),
-    }
-    if chosen.kl is not None and rejected.kl is not None:
-        metrics["kl/chosen"] = chosen.seq_kl.detach().mean()
-        metrics["kl/rejected"] = rejected.seq_kl.detach().mean()
-    return metrics
-
-
-def _mask_metrics(metrics: dict[str, Tensor], kind: str, masks: Pair, chosen: TokenStats,
-                  rejected: TokenStats) -> None:
-    """mask/{sparsity,mean}_{kind}_{side}: share of completion tokens with weight exactly 0, mean weight."""
-    for side, values, stats in (("chosen", masks[0], chosen), ("rejected", masks[1], rejected)):
-        on = stats.mask > 0
-        values = values.detach()[on]
-        metrics[f"mask/sparsity_{kind}_{side}"] = (values == 0).float().mean()
-        metrics[f"mask/mean_{kind}_{side}"] = values.float().mean()
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -134,11 +47,11 @@ def dpo(chosen: TokenStats, rejected: TokenStats, *, beta: float = 0.1) -> LossO
     Inputs: logps, ref_logps, mask [B, T] per side.      s(y) = Σ_t lr_t                        [B]
     L = −log σ(β·(s(y_w) − s(y_l)))                      [B];  rewards = β·s(y).
     """
-    _check_positive(beta=beta)
-    _check_stats(chosen, rejected, reference=True)
+    check_positive(beta=beta)
+    check_stats(chosen, rejected, reference=True)
     s_w, s_l = chosen.logratios.sum(-1), rejected.logratios.sum(-1)
     losses = -F.logsigmoid(beta * (s_w - s_l))
-    return LossOutput(losses, _metrics(losses, beta * s_w, beta * s_l, chosen, rejected))
+    return LossOutput(losses, base_metrics(losses, beta * s_w, beta * s_l, chosen, rejected))
 
 
 def ipo(chosen: TokenStats, rejected: TokenStats, *, beta: float = 0.1,
@@ -149,13 +62,13 @@ def ipo(chosen: TokenStats, rejected: TokenStats, *, beta: float = 0.1,
                                              or Σ_t lr_t if ``length_normalize=False`` (paper / SePO App. form)
     L = (h(y_w) − h(y_l) − 1/(2β))²          [B];  rewards = β·h(y).
     """
-    _check_positive(beta=beta)
-    _check_stats(chosen, rejected, reference=True)
+    check_positive(beta=beta)
+    check_stats(chosen, rejected, reference=True)
     h_w, h_l = chosen.logratios.sum(-1), rejected.logratios.sum(-1)
     if length_normalize:
         h_w, h_l = h_w / chosen.lengths, h_l / rejected.lengths
     losses = (h_w - h_l - 1.0 / (2.0 * beta)) ** 2
-    return LossOutput(losses, _metrics(losses, beta * h_w, beta * h_l, chosen, rejected))
+    return LossOutput(losses, base_metrics(losses, beta * h_w, beta * h_l, chosen, rejected))
 
 
 def simpo(chosen: TokenStats, rejected: TokenStats, *, beta: float = 2.0, gamma: float = 0.5) -> LossOutput:
@@ -165,13 +78,13 @@ def simpo(chosen: TokenStats, rejected: TokenStats, *, beta: float = 2.0, gamma:
     L = −log σ(r(y_w) − r(y_l) − γ)                                                            [B]; rewards = r(y).
     The official code takes gamma_beta_ratio = γ/β and computes −logσ(β·(Δ − γ/β)): the same loss.
     """
-    _check_positive(beta=beta)
-    _check_nonnegative(gamma=gamma)
-    _check_stats(chosen, rejected)
+    check_positive(beta=beta)
+    check_nonnegative(gamma=gamma)
+    check_stats(chosen, rejected)
     r_w = beta * _masked_mean(chosen.logps, chosen.mask)
     r_l = beta * _masked_mean(rejected.logps, rejected.mask)
     losses = -F.logsigmoid(r_w - r_l - gamma)
-    return LossOutput(losses, _metrics(losses, r_w, r_l, chosen, rejected))
+    return LossOutput(losses, base_metrics(losses, r_w, r_l, chosen, rejected))
 
 
 def dpop(chosen: TokenStats, rejected: TokenStats, *, beta: float = 0.1, lambda_: float = 50.0) -> LossOutput:
@@ -180,28 +93,28 @@ def dpop(chosen: TokenStats, rejected: TokenStats, *, beta: float = 0.1, lambda_
     Inputs: logps, ref_logps, mask [B, T].   penalty = max(0, log π_ref(y_w|x) − log π_θ(y_w|x)) = max(0, −s(y_w))
     L = −log σ(β·(s(y_w) − s(y_l) − λ·penalty))             [B];  rewards = β·s(y).
     """
-    _check_positive(beta=beta)
-    _check_nonnegative(lambda_=lambda_)
-    _check_stats(chosen, rejected, reference=True)
+    check_positive(beta=beta)
+    check_nonnegative(lambda_=lambda_)
+    check_stats(chosen, rejected, reference=True)
     s_w, s_l = chosen.logratios.sum(-1), rejected.logratios.sum(-1)
     penalty = torch.clamp(-s_w, min=0.0)
     losses = -F.logsigmoid(beta * (s_w - s_l - lambda_ * penalty))
-    out = LossOutput(losses, _metrics(losses, beta * s_w, beta * s_l, chosen, rejected))
+    out = LossOutput(losses, base_metrics(losses, beta * s_w, beta * s_l, chosen, rejected))
     out.metrics["dpop/penalty"] = penalty.detach().mean()
     return out
 
 
 def _tdpo(chosen: TokenStats, rejected: TokenStats, beta: float, alpha: float, stop_chosen_kl: bool) -> LossOutput:
-    _check_positive(beta=beta)
-    _check_nonnegative(alpha=alpha)
-    _check_stats(chosen, rejected, reference=True, kl=True)
+    check_positive(beta=beta)
+    check_nonnegative(alpha=alpha)
+    check_stats(chosen, rejected, reference=True, kl=True)
     s_w, s_l = chosen.logratios.sum(-1), rejected.logratios.sum(-1)
     d_w, d_l = chosen.seq_kl, rejected.seq_kl
     if stop_chosen_kl:
         d_w = d_w.detach()
     losses = -F.logsigmoid(beta * ((s_w - s_l) - alpha * (d_l - d_w)))
     # Official code logs β·(s + D_Seq) as the reward of each side.
-    return LossOutput(losses, _metrics(losses, beta * (s_w + d_w), beta * (s_l + d_l), chosen, rejected))
+    return LossOutput(losses, base_metrics(losses, beta * (s_w + d_w), beta * (s_l + d_l), chosen, rejected))
 
 
 def tdpo1(chosen: TokenStats, rejected: TokenStats, *, beta: float = 0.1) -> LossOutput:
@@ -243,14 +156,14 @@ def mapo(chosen: TokenStats, rejected: TokenStats, *, masks: Pair | None = None,
     L = −log σ(β·[Σ_t m_w lr_t(y_w) − Σ_t m_l lr_t(y_l) − (Σ_t m_l KL_t(y_l) − Σ_t m_w KL_t(y_w))])   [B]
     rewards = β·(Σ_t m lr_t − Σ_t m KL_t) as logged by the code. m ≡ 1 gives TDPO-1.
     """
-    _check_positive(beta=beta)
-    _check_stats(chosen, rejected, reference=True, kl=True)
-    m_w, m_l = _token_pair("masks", masks, chosen, rejected)
+    check_positive(beta=beta)
+    check_stats(chosen, rejected, reference=True, kl=True)
+    m_w, m_l = token_pair("masks", masks, chosen, rejected)
     m_w, m_l = m_w.detach(), m_l.detach()
     losses, r_w, r_l = _masked_token_level(chosen, rejected, beta, (m_w, m_l), (m_w, m_l))
-    metrics = _metrics(losses, r_w, r_l, chosen, rejected)
+    metrics = base_metrics(losses, r_w, r_l, chosen, rejected)
     for kind in ("reward", "kl"):
-        _mask_metrics(metrics, kind, (m_w, m_l), chosen, rejected)
+        mask_metrics(metrics, kind, (m_w, m_l), chosen, rejected)
     return LossOutput(losses, metrics)
 
 
@@ -268,9 +181,9 @@ def sparsepo(chosen: TokenStats, rejected: TokenStats, *, reward_masks: Pair | N
     (L1 norms over completion tokens, only for masks that are on). As in the code, λ_u and λ_d are halved when a
     common mask is on both terms (``halve_common_l1``). rewards = β·(Σ m_u lr − Σ m_d KL) as logged by the code.
     """
-    _check_positive(beta=beta)
-    _check_nonnegative(l1_reward=l1_reward, l1_kl=l1_kl)
-    _check_stats(chosen, rejected, reference=True, kl=True)
+    check_positive(beta=beta)
+    check_nonnegative(l1_reward=l1_reward, l1_kl=l1_kl)
+    check_stats(chosen, rejected, reference=True, kl=True)
     if not (mask_on_reward or mask_on_kl):
         raise ValueError("sparsepo with mask_on_reward=False and mask_on_kl=False is TDPO-1: use tdpo1")
     if common:
@@ -278,12 +191,12 @@ def sparsepo(chosen: TokenStats, rejected: TokenStats, *, reward_masks: Pair | N
                                                                   or reward_masks[1] is not kl_masks[1]):
             raise ValueError("common=True uses one mask for reward and KL; pass it once (reward_masks) or set "
                              "common=False for independent masks")
-        shared = _token_pair("reward_masks", reward_masks if reward_masks is not None else kl_masks,
+        shared = token_pair("reward_masks", reward_masks if reward_masks is not None else kl_masks,
                              chosen, rejected)
         rw, kl = shared, shared
     else:
-        rw = _token_pair("reward_masks", reward_masks, chosen, rejected) if mask_on_reward else None
-        kl = _token_pair("kl_masks", kl_masks, chosen, rejected) if mask_on_kl else None
+        rw = token_pair("reward_masks", reward_masks, chosen, rejected) if mask_on_reward else None
+        kl = token_pair("kl_masks", kl_masks, chosen, rejected) if mask_on_kl else None
     ones = (chosen.mask, rejected.mask)
     rw_used, kl_used = (rw if mask_on_reward else ones), (kl if mask_on_kl else ones)
     losses, r_w, r_l = _masked_token_level(chosen, rejected, beta, rw_used, kl_used)
@@ -293,10 +206,10 @@ def sparsepo(chosen: TokenStats, rejected: TokenStats, *, reward_masks: Pair | N
         losses = losses + l1_reward * (rw[0].abs().sum(-1) + rw[1].abs().sum(-1))
     if mask_on_kl and l1_kl:
         losses = losses + l1_kl * (kl[0].abs().sum(-1) + kl[1].abs().sum(-1))
-    metrics = _metrics(losses, r_w, r_l, chosen, rejected)
+    metrics = base_metrics(losses, r_w, r_l, chosen, rejected)
     for kind, on, masks in (("reward", mask_on_reward, rw), ("kl", mask_on_kl, kl)):
         if on:
-            _mask_metrics(metrics, kind, masks, chosen, rejected)
+            mask_metrics(metrics, kind, masks, chosen, rejected)
     return LossOutput(losses, metrics)
 
 
@@ -310,9 +223,9 @@ def sepo(chosen: TokenStats, rejected: TokenStats, *, selections: Pair | None = 
     Official code (``SelectiveRRHFLoss``): Z = Σ_t I_t (``normalization="selected"``), γ = 1, λ = 0 (defaults).
     Paper: Z = |y|·k (``normalization="length"`` with ``ratios=(k_w, k_l)``), γ = 2.1, λ = 0.5 (TinyLLaMA).
     """
-    _check_positive(gamma=gamma)
-    _check_stats(chosen, rejected)
-    sel_w, sel_l = _token_pair("selections", selections, chosen, rejected, binary=True)
+    check_positive(gamma=gamma)
+    check_stats(chosen, rejected)
+    sel_w, sel_l = token_pair("selections", selections, chosen, rejected, binary=True)
     if normalization == "selected":
         for side, sel in (("chosen", sel_w), ("rejected", sel_l)):
             empty = (sel.sum(-1) <= 0).nonzero().flatten().tolist()
@@ -320,15 +233,15 @@ def sepo(chosen: TokenStats, rejected: TokenStats, *, selections: Pair | None = 
                 raise ValueError(f"selections[{side}] select no token in row(s) {empty}")
         z_w, z_l = sel_w.sum(-1), sel_l.sum(-1)
     elif normalization == "length":
-        _check_positive(ratio_chosen=ratios[0], ratio_rejected=ratios[1])
+        check_positive(ratio_chosen=ratios[0], ratio_rejected=ratios[1])
         z_w, z_l = chosen.lengths * ratios[0], rejected.lengths * ratios[1]
     else:
         raise ValueError(f"normalization must be 'selected' (official code) or 'length' (paper), got {normalization!r}")
     u_w = gamma * (sel_w * chosen.logps).sum(-1) / z_w
     u_l = gamma * (sel_l * rejected.logps).sum(-1) / z_l
     losses = -F.logsigmoid(u_w - u_l - margin)
-    metrics = _metrics(losses, u_w, u_l, chosen, rejected)
-    _mask_metrics(metrics, "reward", (sel_w, sel_l), chosen, rejected)
+    metrics = base_metrics(losses, u_w, u_l, chosen, rejected)
+    mask_metrics(metrics, "reward", (sel_w, sel_l), chosen, rejected)
     return LossOutput(losses, metrics)
 
 
@@ -362,9 +275,9 @@ def fpo(chosen: TokenStats, rejected: TokenStats, *, features: Pair | None = Non
     top-k(c̄_ref) (paper, ``topk="union"``; still divided by k)                                 [B]
     L = −log σ(β·[(m(y_w) − m(y_l)) − α·(D(y_l) − sg(D(y_w)))])                                [B]; rewards = β·m(y).
     """
-    _check_positive(beta=beta)
-    _check_nonnegative(alpha=alpha)
-    _check_stats(chosen, rejected, reference=ref_mean_logps is None)
+    check_positive(beta=beta)
+    check_nonnegative(alpha=alpha)
+    check_stats(chosen, rejected, reference=ref_mean_logps is None)
     if topk not in ("policy", "union"):
         raise ValueError(f"topk must be 'policy' (official code) or 'union' (paper), got {topk!r}")
     batch = chosen.mask.shape[0]
@@ -384,7 +297,7 @@ def fpo(chosen: TokenStats, rejected: TokenStats, *, features: Pair | None = Non
     m_l = _masked_mean(rejected.logps, rejected.mask) - ref_l
     d_w, d_l = _feature_mse(f_w, g_w, k, topk), _feature_mse(f_l, g_l, k, topk)
     losses = -F.logsigmoid(beta * ((m_w - m_l) - alpha * (d_l - d_w.detach())))
-    metrics = _metrics(losses, beta * m_w, beta * m_l, chosen, rejected)
+    metrics = base_metrics(losses, beta * m_w, beta * m_l, chosen, rejected)
     metrics["features/mse_chosen"], metrics["features/mse_rejected"] = d_w.detach().mean(), d_l.detach().mean()
     return LossOutput(losses, metrics)
 
@@ -397,15 +310,15 @@ def tis_dpo(chosen: TokenStats, rejected: TokenStats, *, weights: Pair | None = 
     The KL sign follows TDPO (w ≡ 1 gives TDPO-1); papers.md §4 transcribes η with the opposite sign.
     rewards = β·Σ_t w lr_t.
     """
-    _check_positive(beta=beta)
-    _check_stats(chosen, rejected, reference=True, kl=True)
-    w_w, w_l = (w.detach() for w in _token_pair("weights", weights, chosen, rejected))
+    check_positive(beta=beta)
+    check_stats(chosen, rejected, reference=True, kl=True)
+    w_w, w_l = (w.detach() for w in token_pair("weights", weights, chosen, rejected))
     u_w, u_l = (w_w * chosen.logratios).sum(-1), (w_l * rejected.logratios).sum(-1)
     kl_w, kl_l = (w_w * chosen.kl).sum(-1), (w_l * rejected.kl).sum(-1)
     losses = -F.logsigmoid(beta * ((u_w - u_l) - (kl_l - kl_w)))
-    metrics = _metrics(losses, beta * u_w, beta * u_l, chosen, rejected)
+    metrics = base_metrics(losses, beta * u_w, beta * u_l, chosen, rejected)
     for kind in ("reward", "kl"):
-        _mask_metrics(metrics, kind, (w_w, w_l), chosen, rejected)
+        mask_metrics(metrics, kind, (w_w, w_l), chosen, rejected)
     return LossOutput(losses, metrics)
 
 
