@@ -131,12 +131,32 @@ def test_mapo_hand():
                                 - (seq(b, "l", "kl", MASK_L) - seq(b, "w", "kl", MASK_W)))) for b in range(2)]
     out = mapo(*stats(), beta=BETA, masks=pair(MASK_W, MASK_L))
     assert_losses(out, expected)
-    # completion weights of the chosen side: 0.5, 0.0, 2.0, 1.5, 0.25 (7.0 is off the completion)
-    assert out.metrics["mask/sparsity_reward_chosen"].item() == pytest.approx(1 / 5)
-    assert out.metrics["mask/mean_kl_chosen"].item() == pytest.approx((0.5 + 0.0 + 2.0 + 1.5 + 0.25) / 5)
-    assert out.metrics["mask/sparsity_kl_rejected"].item() == pytest.approx(1 / 5)
+    # Per-row values, then the batch mean. Completion weights of the chosen side: row 0 = 0.5, 0.0, 2.0 and row 1 =
+    # 1.5, 0.25 (7.0 is off the completion); rows have different lengths, so pooling all 5 tokens would give 1/5
+    # and 4.25/5 instead.
+    assert out.metrics["mask/sparsity_reward_chosen"].item() == pytest.approx((1 / 3 + 0) / 2)
+    assert out.metrics["mask/mean_kl_chosen"].item() == pytest.approx(((0.5 + 0.0 + 2.0) / 3 + (1.5 + 0.25) / 2) / 2)
+    # rejected: row 0 = 1.0, 0.75 (3.0 is off), row 1 = 0.2, 0.0, 1.25
+    assert out.metrics["mask/sparsity_kl_rejected"].item() == pytest.approx((0 + 1 / 3) / 2)
+    assert out.metrics["mask/mean_reward_rejected"].item() == pytest.approx((1.75 / 2 + 1.45 / 3) / 2)
     reward = [BETA * (seq(b, "w", "lr", MASK_W) - seq(b, "w", "kl", MASK_W)) for b in range(2)]   # official logging
     assert out.metrics["rewards/chosen"].item() == pytest.approx(sum(reward) / 2)
+
+
+def test_mask_metrics_are_the_same_for_any_split_of_the_batch():
+    """Per-row mask metrics averaged over micro-batches of one row each equal those of the whole batch (pooling
+    tokens would not: the rows have 3 and 2 completion tokens)."""
+    whole = mapo(*stats(), beta=BETA, masks=pair(MASK_W, MASK_L)).metrics
+    parts = []
+    for b in range(2):
+        chosen, rejected = stats()
+        rows = [TokenStats(*(t[b:b + 1] for t in (s.logps, s.mask, s.ref_logps, s.kl))) for s in (chosen, rejected)]
+        masks = tuple(m[b:b + 1] for m in pair(MASK_W, MASK_L))
+        parts.append(mapo(*rows, beta=BETA, masks=masks).metrics)
+    keys = [k for k in whole if k.startswith("mask/")]
+    assert len(keys) == 8
+    for key in keys:
+        assert whole[key].item() == pytest.approx((parts[0][key].item() + parts[1][key].item()) / 2), key
 
 
 def l1(b, side, weights):
@@ -193,7 +213,8 @@ def test_sepo_hand_official_and_paper():
     chosen.ref_logps = rejected.ref_logps = None
     out = sepo(chosen, rejected, selections=pair(SEL_W, SEL_L))
     assert_losses(out, expected)
-    assert out.metrics["mask/mean_reward_chosen"].item() == pytest.approx(3 / 5)
+    assert out.metrics["mask/mean_reward_chosen"].item() == pytest.approx((2 / 3 + 1 / 2) / 2)   # per row (3/5 pooled)
+    assert out.metrics["mask/sparsity_reward_rejected"].item() == pytest.approx((1 / 2 + 1 / 3) / 2)
 
     gamma, margin, k_w, k_l = 2.1, 0.5, 0.3, 0.4
     paper = [-logsig(gamma * seq(b, "w", "lp", SEL_W) / (n(b, "w") * k_w)

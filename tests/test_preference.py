@@ -229,3 +229,44 @@ def test_collator_works_in_a_dataloader(tokenizer):
     batches = list(loader)
     assert [b["row_index"].tolist() for b in batches] == [[0, 1], [2]]
     assert batches[0]["chosen_input_ids"].shape == batches[0]["rejected_input_ids"].shape
+
+
+def test_collator_pads_per_token_columns_aligned_with_the_labels(tokenizer):
+    """`chosen_<key>`/`rejected_<key>` (one value per completion token) become [B, L] columns that the trainer's
+    shift ([:, 1:]) puts on the label position of the very token each value belongs to."""
+    from tokenpo.losses import get_objective
+    from tokenpo.tokens import completion_labels
+    from tokenpo.train_step import batch_columns
+
+    tokenized = tokenize_pairs(ROWS, tokenizer)
+    features = []
+    for i in (2, 0, 1):  # values that encode (row, side, token index), so any misplacement shows
+        f = dict(tokenized[i])
+        for s, code in (("chosen", 1), ("rejected", 2)):
+            f[f"{s}_weights"] = [100 * (i + 1) + 10 * code + j for j in range(len(f[f"{s}_ids"]))]
+        features.append(f)
+    batch = PreferenceCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)(features)
+    extra = batch_columns(get_objective("tis_dpo"), {"beta": 0.1}, batch)
+    for k, s in enumerate(("chosen", "rejected")):
+        column = batch[f"{s}_weights"]
+        assert column.shape == batch[f"{s}_input_ids"].shape and column.dtype == torch.float32
+        assert (column[batch[f"{s}_completion_mask"] == 0] == 0).all()  # prompt and padding positions
+        labels = completion_labels(batch[f"{s}_input_ids"], batch[f"{s}_completion_mask"])
+        shifted = extra["weights"][k]
+        assert shifted.shape == labels.shape
+        for b, f in enumerate(features):
+            on = labels[b] != -100
+            assert labels[b][on].tolist() == f[f"{s}_ids"]  # the completion's tokens, in order ...
+            assert shifted[b][on].tolist() == f[f"{s}_weights"]  # ... and each gets its own value
+            assert (shifted[b][~on] == 0).all()
+    assert "chosen_selections" not in batch  # absent columns are not invented
+
+    bad = [dict(features[0]), dict(features[1])]
+    bad[1]["rejected_weights"] = bad[1]["rejected_weights"][:-1]
+    with pytest.raises(ValueError, match=r"row 0 has .* values in rejected_weights"):
+        PreferenceCollator(tokenizer.pad_token_id)(bad)
+    del bad[1]["rejected_weights"]
+    with pytest.raises(ValueError, match=r"'rejected_weights' is missing in row\(s\) \[0\]"):
+        PreferenceCollator(tokenizer.pad_token_id)(bad)
+    plain = PreferenceCollator(tokenizer.pad_token_id, token_keys=())(features)
+    assert "chosen_weights" not in plain

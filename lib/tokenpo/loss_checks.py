@@ -87,9 +87,17 @@ def base_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tenso
 
 def mask_metrics(metrics: dict[str, Tensor], kind: str, masks: Pair, chosen: TokenStats,
                   rejected: TokenStats) -> None:
-    """mask/{sparsity,mean}_{kind}_{side}: share of completion tokens with weight exactly 0, mean weight."""
+    """mask/{sparsity,mean}_{kind}_{side}: per row, the share of its completion tokens with weight exactly 0 and its
+    mean weight over them; then the batch mean of those per-row values.
+
+    Averaging per row first (as :func:`tokenpo.masks.mask_summary`) makes the logged value of a global batch the
+    same however it is split over processes or accumulation steps (each micro-batch mean is a mean of row values).
+    """
     for side, values, stats in (("chosen", masks[0], chosen), ("rejected", masks[1], rejected)):
         on = stats.mask > 0
-        values = values.detach()[on]
-        metrics[f"mask/sparsity_{kind}_{side}"] = (values == 0).float().mean()
-        metrics[f"mask/mean_{kind}_{side}"] = values.float().mean()
+        values = values.detach().float()
+        count = on.sum(-1).clamp(min=1)
+        zeros = ((values == 0) & on).sum(-1) / count
+        means = torch.where(on, values, 0.0).sum(-1) / count
+        metrics[f"mask/sparsity_{kind}_{side}"] = zeros.float().mean()
+        metrics[f"mask/mean_{kind}_{side}"] = means.mean()

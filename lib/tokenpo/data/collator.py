@@ -14,11 +14,19 @@ class PreferenceCollator:
     Returns `{chosen,rejected}_{input_ids,attention_mask,completion_mask}` (all [B, L], long; chosen and rejected
     right-padded to one length L, a multiple of `pad_to_multiple_of` if set) and `row_index` [B]; plus any of
     `extra_keys` present in the rows (e.g. precomputed reference log-probs), as float tensors [B].
+
+    Per-token columns: for each `key` of `token_keys` whose `chosen_<key>`/`rejected_<key>` columns are in the rows
+    (one value per completion token, EOS included: `len(chosen_<key>) == len(chosen_ids)`), float tensors
+    `chosen_<key>`/`rejected_<key>` [B, L] aligned with the input ids: completion token j of a row sits at position
+    len(prompt_ids) + j, and prompt and padding positions hold 0. The trainer shifts such [B, L] columns to label
+    positions ([:, 1:], `tokenpo.train_step.batch_columns`), so label position t gets the value of the token it
+    predicts. Defaults cover SePO selections / oracle scores and TIS-DPO weights.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     extra_keys: tuple[str, ...] = ("ref_chosen_logps", "ref_rejected_logps")
+    token_keys: tuple[str, ...] = ("selections", "weights", "token_scores", "oracle_scores")
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -52,7 +60,34 @@ class PreferenceCollator:
         for key in self.extra_keys:
             if key in features[0]:
                 batch[key] = torch.tensor([float(f[key]) for f in features])
+        for key in self.token_keys:
+            columns = [f"{side}_{key}" for side in sides]
+            present = [c for c in columns if any(c in f for f in features)]
+            if not present:
+                continue
+            for column in columns:
+                missing = [int(f.get("row_index", i)) for i, f in enumerate(features) if column not in f]
+                if missing:
+                    raise ValueError(f"PreferenceCollator: per-token column {column!r} is missing in row(s) "
+                                     f"{missing} (token_keys needs chosen_{key} and rejected_{key} in every row)")
+            for side in sides:
+                batch[f"{side}_{key}"] = _token_column(features, side, key, length)
         return batch
+
+
+def _token_column(features: Sequence[Mapping[str, Any]], side: str, key: str, length: int) -> torch.Tensor:
+    """[B, L] float: each row's per-completion-token values at the positions of its completion tokens, 0 elsewhere."""
+    column = torch.zeros((len(features), length), dtype=torch.float32)
+    for b, f in enumerate(features):
+        values = f[f"{side}_{key}"]
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        start, n = len(f["prompt_ids"]), len(f[f"{side}_ids"])
+        if len(values) != n:
+            raise ValueError(f"PreferenceCollator: row {int(f.get('row_index', b))} has {len(values)} values in "
+                             f"{side}_{key} but {n} completion tokens in {side}_ids (one value per completion "
+                             "token, EOS included; recompute the column after truncation)")
+        column[b, start:start + n] = torch.tensor([float(v) for v in values], dtype=torch.float32)
+    return column
 
 
 def _as_list(ids) -> list[int]:
