@@ -6,9 +6,10 @@ Figure. `save(fig, folder, name)` writes PNG (and optionally PDF) next to a note
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 STYLE = {
     "figure.dpi": 110,
@@ -45,5 +46,98 @@ def training_curve(steps: Sequence[int], train_loss: Sequence[float], val_steps:
     if title:
         ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ per-token figures
+def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Readable labels of single tokens: each id decoded alone, a leading space shown as "␣", newlines as "⏎", and
+    the EOS token as "EOS"."""
+    labels = []
+    for i in ids:
+        i = int(i)
+        if i == tokenizer.eos_token_id:
+            labels.append("EOS")
+            continue
+        text = tokenizer.decode([i])
+        labels.append(text.replace(" ", "␣").replace("\n", "⏎") or "∅")
+    return labels
+
+
+def token_heatmap(tokens: Sequence[str], rows: Mapping[str, Sequence[float]], ax: plt.Axes | None = None,
+                  title: str = "", cmap: str = "RdBu_r", row_scale: bool = True, fmt: str = "{:.2g}") -> plt.Figure:
+    """A strip per quantity (rows, top to bottom) over the tokens of one sequence (columns), each cell annotated.
+
+    Colours are centred at 0 (blue < 0 < red). With `row_scale` each row is coloured relative to its own largest
+    |value|, so rows of very different size (log-probs, rewards, KL, mask weights) stay readable; the printed
+    numbers are the true values. NaN cells are left blank.
+    """
+    names = list(rows)
+    values = np.array([np.asarray(rows[name], dtype=float) for name in names])
+    if values.ndim != 2 or values.shape[1] != len(tokens):
+        raise ValueError(f"token_heatmap: every row needs one value per token ({len(tokens)}); got shape "
+                         f"{values.shape}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.2 + 0.62 * len(tokens), 0.5 + 0.42 * len(names)))
+    fig = ax.figure
+    finite = np.where(np.isfinite(values), np.abs(values), 0.0)
+    scale = finite.max(axis=1, keepdims=True) if row_scale else np.full((len(names), 1), finite.max())
+    colours = values / np.where(scale > 0, scale, 1.0)
+    ax.imshow(np.ma.masked_invalid(colours), cmap=cmap, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    for r in range(len(names)):
+        for c in range(len(tokens)):
+            if np.isfinite(values[r, c]):
+                ax.text(c, r, fmt.format(values[r, c] + 0.0), ha="center", va="center", fontsize=7,  # no "-0"
+                        color="white" if abs(colours[r, c]) > 0.6 else "black")
+    ax.set_xticks(range(len(tokens)), list(tokens), rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.tick_params(length=0)
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=10, loc="left")
+    return fig
+
+
+def token_heatmaps(panels: Mapping[str, tuple[Sequence[str], Mapping[str, Sequence[float]]]], title: str = "",
+                   **kwargs) -> plt.Figure:
+    """Several `token_heatmap`s stacked vertically, one per panel name (e.g. "chosen", "rejected"): panel ->
+    (tokens, rows). Keyword arguments go to `token_heatmap`."""
+    widest = max(len(tokens) for tokens, _ in panels.values())
+    heights = [len(rows) + 2.2 for _, rows in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(1.8 + 0.62 * widest, 0.42 * sum(heights)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (name, (tokens, rows)) in zip(axes[:, 0], panels.items()):
+        token_heatmap(tokens, rows, ax=ax, title=name, **kwargs)
+    if title:
+        fig.suptitle(title, x=0.01, ha="left", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def labelled_bars(labels: Sequence[str], values: Sequence[float], xlabel: str = "", title: str = "",
+                  ax: plt.Axes | None = None, fmt: str = "{:.3g}", log: bool = False) -> plt.Figure:
+    """Horizontal bars, one per label (top to bottom in the given order), each with its value printed; `log`
+    puts the values (all > 0) on a log axis, for quantities of very different size."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.32 * len(labels)))
+    fig = ax.figure
+    positions = np.arange(len(labels))[::-1]
+    ax.barh(positions, values, color=["C3" if v < 0 else "C0" for v in values])
+    ax.set_yticks(positions, list(labels))
+    for y, v in zip(positions, values):
+        ax.text(v, y, " " + fmt.format(v) + " ", va="center", ha="left" if v >= 0 else "right", fontsize=8)
+    if log:
+        if min(values) <= 0:
+            raise ValueError("labelled_bars(log=True) needs values > 0")
+        ax.set_xscale("log")
+    else:
+        ax.axvline(0.0, color="black", lw=0.6)
+    ax.margins(x=0.15)
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig
