@@ -1,4 +1,4 @@
-"""Small helpers every module shares: seeding, threads, device choice, environment record."""
+"""Small helpers every module shares: seeding and the record of package versions."""
 from __future__ import annotations
 
 import os
@@ -23,10 +23,6 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def package_versions(names: tuple[str, ...] = ("tokenpo", "torch", "transformers", "tokenizers", "datasets",
