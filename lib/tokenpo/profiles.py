@@ -136,15 +136,19 @@ _SMOKE_SENTIMENT = SentimentConfig(
     sft_steps=4, sft_batch_size=8, sft_lr=1e-3, max_length=40, classifier_train_texts=300, classifier_test_texts=100,
     prompt_words=3, max_new_tokens=12, samples_per_prompt=2, train_prompts=24, heldout_pairs=12, eval_prompts=8,
     betas=tuple((m, b[:1]) for m, b in _SENTIMENT_BETAS[:-1]) + (("sparsepo_independent", (0.1, 0.8)),),
-    steps=4, eval_steps=(2, 4), batch_size=4, lr=1e-3, warmup_steps=0, mask_seeds=2, mask_seed_beta=0.8,
-    planted_train_pairs=16, planted_heldout_pairs=12, planted_steps=3, kl_levels=(0.5, 2.0),
+    steps=4, eval_steps=(4,), batch_size=4, lr=1e-3, warmup_steps=0, mask_seeds=2, mask_seed_beta=0.8,
+    official_mask_ablation=False, planted_train_pairs=16, planted_heldout_pairs=12, planted_steps=3,
+    kl_levels=(0.5, 2.0),
 )
 
-# Sized for ~25 minutes on 2 idle cores (stage times measured in notebook 02's closing table).
+# Sized for ~20 minutes on 2 idle cores: 27 runs of 100 steps (~0.25 s/step) with 3 evaluations of 64 fresh samples
+# each; notebook 02 prints the measured wall time of every stage. The base model saw the opinions twice in
+# pretraining, so a short SFT suffices (100 steps lowered the held-out loss only 4.60 -> 4.56 nats/token).
 _CPU_SENTIMENT = SentimentConfig(
-    sft_steps=150, sft_batch_size=32, sft_lr=5e-4, max_length=64, classifier_train_texts=8000,
-    classifier_test_texts=2000, prompt_words=4, max_new_tokens=32, samples_per_prompt=4, train_prompts=600,
-    heldout_pairs=256, eval_prompts=96, betas=_SENTIMENT_BETAS, steps=120, eval_steps=(30, 60, 90, 120),
+    sft_steps=40, sft_batch_size=32, sft_lr=5e-4, max_length=64, classifier_train_texts=3000,
+    classifier_test_texts=1000, prompt_words=4, max_new_tokens=32, samples_per_prompt=2, train_prompts=800,
+    heldout_pairs=256, eval_prompts=64, betas=_SENTIMENT_BETAS, steps=100, eval_steps=(34, 67, 100),
+    lr=1e-4, planted_steps=50, kl_levels=(1.0, 3.0, 10.0),
 )
 
 _PAPER_SENTIMENT = replace(

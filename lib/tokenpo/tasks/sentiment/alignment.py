@@ -25,9 +25,28 @@ def _completion_values(values: torch.Tensor, labels_mask: torch.Tensor) -> list[
     return [v[m.bool()].detach().float().cpu().numpy() for v, m in zip(values, labels_mask)]
 
 
+class ReferenceStates:
+    """Batches of held-out pairs with the reference's per-layer hidden states (aligned with the labels), computed
+    once and reused for every mask network (the mask networks only read these states)."""
+
+    @torch.no_grad()
+    def __init__(self, reference, tokenized, collator, batch_size: int = 32, hidden: bool = True):
+        self.reference, self.batches = reference.eval(), []
+        for batch in DataLoader(tokenized, batch_size=batch_size, shuffle=False, collate_fn=collator):
+            entry = {}
+            for side in ("chosen", "rejected"):
+                ids, attn = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+                layers = None
+                if hidden:
+                    states = reference(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
+                    layers = aligned_reference_layers(states[1:])
+                entry[side] = (ids, attn, batch[f"{side}_completion_mask"][:, 1:], layers)
+            self.batches.append(entry)
+
+
 @torch.no_grad()
-def token_masks(reference, tokenized, collator, kind: str, masks: SparsePOMasks | None = None,
-                batch_size: int = 32, seed: int = 0) -> dict[str, list[np.ndarray]]:
+def token_masks(states: ReferenceStates, kind: str, masks: SparsePOMasks | None = None,
+                seed: int = 0) -> dict[str, list[np.ndarray]]:
     """{"chosen": [...], "rejected": [...]}: per pair, the weight of every completion token (incl. EOS) under
     `kind`: "reward" / "kl" (SparsePO networks `masks` on the reference's hidden states), "mapo" (the reference's
     activations, hook "all", zn_rescale) or "random" (U(0, 1), seeded)."""
@@ -37,18 +56,17 @@ def token_masks(reference, tokenized, collator, kind: str, masks: SparsePOMasks 
         raise ValueError(f"mask kind {kind!r} needs the SparsePO mask networks")
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, list[np.ndarray]] = {"chosen": [], "rejected": []}
-    reference.eval()
-    for batch in DataLoader(tokenized, batch_size=batch_size, shuffle=False, collate_fn=collator):
+    for entry in states.batches:
         for side in ("chosen", "rejected"):
-            ids, attn = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
-            labels_mask = batch[f"{side}_completion_mask"][:, 1:]
+            ids, attn, labels_mask, layers = entry[side]
             if kind == "mapo":
-                values = mapo_masks(reference, ids, attn, labels_mask)
+                values = mapo_masks(states.reference, ids, attn, labels_mask)
             elif kind == "random":
                 values = random_mask(labels_mask, generator)
             else:
-                hidden = reference(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[1:]
-                reward, kl = masks(aligned_reference_layers(hidden), labels_mask)
+                if layers is None:
+                    raise ValueError("these ReferenceStates were built with hidden=False; SparsePO masks need them")
+                reward, kl = masks(layers, labels_mask)
                 values = reward if kind == "reward" else kl
             out[side] += _completion_values(values, labels_mask)
     return out

@@ -49,7 +49,7 @@ def reference_model(base_tokenizer, base_model, texts: Sequence[str], config: SF
 
 
 def sample_pairs(reference, tokenizer, prompts: Sequence[str], reward: Callable, reward_id: str, samples: int,
-                 max_new_tokens: int, reference_id: str, seed: int = 0, batch_size: int = 64) -> PairSet:
+                 max_new_tokens: int, reference_id: str, seed: int = 0, batch_size: int = 32) -> PairSet:
     """`samples` continuations of every prompt from the reference (temperature 1, no top-k/p), scored by `reward`;
     best vs worst becomes a pair (`build_pairs`). Cached by reference, prompts, reward and settings."""
     from tokenpo.evaluation import generate_completions

@@ -31,7 +31,7 @@ class SentimentClassifier:
         if self.coef.shape[0] != len(SENTIMENT_LABELS):
             raise ValueError(f"classifier has {self.coef.shape[0]} classes, expected {len(SENTIMENT_LABELS)}")
         self.encoder = Relevance(None if encoder_path is None else str(encoder_path), batch_size=batch_size,
-                                 max_length=128)
+                                 max_length=64)
 
     @property
     def identity(self) -> str:
@@ -39,7 +39,13 @@ class SentimentClassifier:
         return content_hash([self.coef.round(8).tolist(), self.intercept.round(8).tolist()])
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encoder.embed(list(texts))
+        """MiniLM embeddings [N, 384]; texts are batched by length (less padding), returned in input order."""
+        texts = list(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        embedded = self.encoder.embed([texts[i] for i in order])
+        out = np.empty_like(embedded)
+        out[order] = embedded
+        return out
 
     def probabilities_from_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
         logits = embeddings @ self.coef.T + self.intercept

@@ -91,7 +91,7 @@ class CheckpointEvaluator:
     make checkpoints comparable), scored by the reward classifier and VADER; exact sequence KL(π_θ‖π_ref)."""
 
     def __init__(self, reference, tokenizer, prompts: Sequence[str], reward: Callable, vader: Callable,
-                 max_new_tokens: int, seed: int = 1234, batch_size: int = 64):
+                 max_new_tokens: int, seed: int = 1234, batch_size: int = 32):
         self.reference, self.tokenizer, self.prompts = reference, tokenizer, list(prompts)
         self.reward, self.vader = reward, vader
         self.max_new_tokens, self.seed, self.batch_size = max_new_tokens, seed, batch_size

@@ -1,0 +1,214 @@
+"""Tests of tokenpo.tasks.sentiment: classifier reward, pair building, planted pairs, lexicon labels, mask-lexicon
+alignment, sweep specs and verdict rules."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from tokenpo.data import load_sentiment_rows
+from tokenpo.data.preference import PreferenceCollator, tokenize_pairs
+from tokenpo.masks import SparsePOMasks
+from tokenpo.models import train_tokenizer
+from tokenpo.profiles import get_profile
+from tokenpo.tasks.sentiment import alignment, analysis
+from tokenpo.tasks.sentiment.data import (build_pairs, lexicon_spans, make_prompts, planted_pairs, split_rows,
+                                          token_lexicon_labels)
+from tokenpo.tasks.sentiment.reward import SentimentClassifier, train_classifier
+from tokenpo.tasks.sentiment.sweep import RunSpec, sweep_specs, train_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return load_sentiment_rows()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(rows, tmp_path_factory):
+    """A real byte-level BPE trained on 3,000 opinions (vocabulary 1,024): frequent words are single tokens, rarer
+    ones are split, like the profiles' tokenizers."""
+    return train_tokenizer([r.text for r in rows[:3000]], 1024, tmp_path_factory.mktemp("tok"))
+
+
+# ------------------------------------------------------------------------------------------------- classifier
+def test_classifier_orders_obvious_sentences_and_round_trips(rows, tmp_path):
+    splits = split_rows(rows, n_test=150, n_pool=100, seed=0)
+    model, report = train_classifier(splits.train, splits.test, max_train=600, seed=0)
+    positive, neutral, negative = ("I love this, it is wonderful and amazing!", "The car is blue.",
+                                   "I hate this, it is terrible and awful.")
+    scores = model([positive, neutral, negative])
+    assert scores[0] > scores[1] > scores[2]
+    assert scores[0] > 0.3 and scores[2] < -0.3 and abs(scores[1]) < scores[0]
+    assert report["test_accuracy"] > report["majority_baseline"]
+    probabilities = model.probabilities([positive, neutral])
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-9)
+    model.save(tmp_path)
+    np.testing.assert_allclose(SentimentClassifier.load(tmp_path)([positive, negative]), scores[[0, 2]], atol=1e-9)
+    assert model.identity == SentimentClassifier.load(tmp_path).identity
+
+
+def test_split_rows_is_disjoint_and_seeded(rows):
+    a, b = split_rows(rows, 50, 80, seed=3), split_rows(rows, 50, 80, seed=3)
+    assert [r.text for r in a.pool] == [r.text for r in b.pool]
+    texts = [set(r.text for r in part) for part in (a.train, a.test, a.pool)]
+    assert len(texts[1]) == 50 and len(texts[2]) == 80
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    with pytest.raises(ValueError, match="training rows"):
+        split_rows(rows[:10], 5, 5)
+
+
+def test_make_prompts_takes_first_words_of_long_enough_texts():
+    texts = ["one two three four five six", "too short", "one two three four again more"]
+    assert make_prompts(texts, 3) == ["one two three"]
+    assert make_prompts(texts, 2, min_extra_words=0) == ["one two", "too short"]
+
+
+# ------------------------------------------------------------------------------------------------------ pairs
+def test_build_pairs_chosen_beats_rejected_and_counts_ties():
+    prompts = ["a", "b", "c", "d"]
+    completions = [[" x", " y", " z"], [" p", " q"], [" m", ""], [" u", " v"]]
+    rewards = [[0.1, 0.9, -0.5], [0.3, 0.3], [0.2, 0.8], [0.0, 0.05]]
+    pairs = build_pairs(prompts, completions, rewards)
+    assert [(r["chosen"], r["rejected"]) for r in pairs.rows] == [(" y", " z"), (" v", " u")]
+    assert all(r["reward_chosen"] >= r["reward_rejected"] for r in pairs.rows)
+    report = pairs.report
+    assert (report["pairs"], report["ties"], report["too_few_nonempty"]) == (2, 1, 1)
+    assert report["tie_share"] == pytest.approx(0.25)
+    assert report["gap_mean"] == pytest.approx((1.4 + 0.05) / 2)
+    assert build_pairs(prompts[3:], completions[3:], rewards[3:], tie_tolerance=0.1).report["ties"] == 1
+    with pytest.raises(ValueError, match="prompt 0"):
+        build_pairs(["a"], [[" x", " y"]], [[0.1]])
+
+
+def test_planted_pairs_differ_only_at_swapped_tokens(tokenizer, rows):
+    planted = planted_pairs(tokenizer, [r.text for r in rows[:2000]], n_prompt_words=3, max_length=64, limit=40)
+    assert len(planted) == 40
+    tokenized = tokenize_pairs(planted, tokenizer, max_length=64)
+    for row in tokenized:
+        chosen, rejected, swapped = row["chosen_ids"], row["rejected_ids"], list(row["swapped"])
+        assert len(chosen) == len(rejected) and swapped
+        differing = [j for j, (a, b) in enumerate(zip(chosen, rejected)) if a != b]
+        assert differing and set(differing) <= set(swapped)
+        words = tokenizer.decode([chosen[j] for j in swapped]).split()
+        assert all(w.strip().lower() in {"good", "great", "love", "happy", "best", "amazing", "nice", "better", "safe",
+                                         "fun", "beautiful", "smart", "excellent", "loved", "wonderful", "perfect",
+                                         "glad", "cool", "exciting", "win"} for w in words), words
+    labels = alignment.planted_labels(tokenized)
+    assert [int(y.sum()) for y in labels["chosen"]] == [len(r["swapped"]) for r in tokenized]
+
+
+def test_lexicon_labels_mark_sentiment_words():
+    lexicon = {"love": 3.2, "terrible": -2.1, ":)": 2.0, "car": 0.0}
+    text = "I love this terrible, car :)"
+    spans = lexicon_spans(text, lexicon)
+    assert [text[a:b] for a, b in spans] == ["love", "terrible", ":)"]
+
+
+def test_token_lexicon_labels_follow_words(tokenizer):
+    lexicon = {"love": 3.2, "terrible": -2.1}
+    ids = tokenizer(" I love this terrible car", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    labels = token_lexicon_labels(tokenizer, ids, lexicon)
+    marked = "".join(tokenizer.decode([t]) for t, y in zip(ids, labels) if y)
+    assert marked.split() == ["love", "terrible"]
+    assert labels[-1] == 0 and len(labels) == len(ids)
+
+
+# -------------------------------------------------------------------------------------------------- alignment
+def _weights_like(labels, fn):
+    return {side: [fn(y) for y in labels[side]] for side in labels}
+
+
+def test_alignment_auroc_one_for_the_indicator_and_half_for_random():
+    rng = np.random.default_rng(0)
+    labels = {side: [(rng.random(30) < 0.2).astype(int) for _ in range(300)] for side in ("chosen", "rejected")}
+    indicator = _weights_like(labels, lambda y: y.astype(float))
+    assert alignment.alignment_auroc(indicator, labels) == pytest.approx(1.0)
+    assert alignment.alignment_auroc(_weights_like(labels, lambda y: 1.0 - y), labels) == pytest.approx(0.0)
+    random = _weights_like(labels, lambda y: rng.random(len(y)))
+    assert abs(alignment.alignment_auroc(random, labels) - 0.5) < 0.03
+    share = alignment.mass_share(indicator, labels)
+    assert share["mass_on_labelled"] == pytest.approx(1.0) and 0.15 < share["uniform_share"] < 0.25
+    uniform = alignment.mass_share(_weights_like(labels, lambda y: np.ones(len(y))), labels)
+    assert uniform["mass_on_labelled"] == pytest.approx(uniform["uniform_share"])
+    assert alignment.sparsity(indicator) == pytest.approx(1 - np.concatenate(labels["chosen"] + labels["rejected"]).mean())
+    with pytest.raises(ValueError, match="row 0"):
+        alignment.alignment_auroc({"chosen": [np.ones(3)], "rejected": []}, {"chosen": [np.ones(4)], "rejected": []})
+
+
+def test_token_masks_give_one_weight_per_completion_token(tokenizer):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64,
+                                       bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
+    pairs = [{"prompt": "The flight was", "chosen": " great, I loved it", "rejected": " late and bad"},
+             {"prompt": "My phone", "chosen": " works", "rejected": " broke again today, sadly"}]
+    tokenized = tokenize_pairs(pairs, tokenizer, max_length=64)
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    masks = SparsePOMasks.from_model_config(model.config, mode="independent", mixer_init=1.0)
+    lengths = {side: [len(r[f"{side}_ids"]) for r in tokenized] for side in ("chosen", "rejected")}
+    states = alignment.ReferenceStates(model, tokenized, collator, batch_size=1)
+    for kind in alignment.MASK_KINDS:
+        weights = alignment.token_masks(states, kind, masks=masks)
+        assert {side: [len(w) for w in weights[side]] for side in weights} == lengths
+        assert all((w >= 0).all() for side in weights.values() for w in side)
+    with pytest.raises(ValueError, match="needs the SparsePO"):
+        alignment.token_masks(states, "kl")
+
+
+# ------------------------------------------------------------------------------------------------------ sweep
+def test_sweep_specs_and_mask_settings():
+    cfg = get_profile("cpu").sentiment
+    specs = sweep_specs(cfg)
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names))
+    for method, betas in cfg.betas:
+        assert len(betas) >= 3 and {s.beta for s in specs if s.method == method and s.data == "sampled"} >= set(betas)
+    seeded = [s for s in specs if s.method == "sparsepo_common" and s.beta == cfg.mask_seed_beta
+              and s.mask_settings == "ours" and s.data == "sampled"]
+    assert sorted(s.seed for s in seeded) == list(range(cfg.mask_seeds))
+    ours = train_config(RunSpec("sparsepo_independent", 0.8), cfg, "", 10)
+    official = train_config(RunSpec("sparsepo_independent", 0.8, mask_settings="official"), cfg, "", 10)
+    assert ours.mask_learning_rate == cfg.mask_lr and ours.mask_kwargs == {"mixer_init": cfg.mixer_init}
+    assert official.mask_learning_rate is None and official.mask_kwargs == {}
+    assert ours.hparams == {"beta": 0.8, "common": False, "l1_reward": cfg.l1, "l1_kl": cfg.l1}
+    assert train_config(RunSpec("simpo", 2.0), cfg, "", 10).hparams == {"beta": 2.0, "gamma": cfg.simpo_gamma}
+    with pytest.raises(ValueError, match="unknown method"):
+        RunSpec("ppo", 0.1)
+
+
+# --------------------------------------------------------------------------------------------------- verdicts
+def test_sparsity_verdict_needs_a_rise_beyond_seed_noise():
+    assert analysis.sparsity_verdict({0.1: 0.1, 0.4: 0.2, 0.8: 0.4}, [0.38, 0.4, 0.42], "v").startswith("holds")
+    assert analysis.sparsity_verdict({0.1: 0.1, 0.4: 0.12, 0.8: 0.13}, [0.05, 0.13, 0.25], "v").startswith("does not")
+    assert analysis.sparsity_verdict({0.1: 0.4, 0.4: 0.2, 0.8: 0.1}, [0.1, 0.1], "v").startswith("does not")
+
+
+def test_alignment_verdict_compares_with_untrained_and_random():
+    assert analysis.alignment_verdict([0.7, 0.72, 0.71], [0.5, 0.52, 0.49], 0.5, "x").startswith("holds")
+    assert analysis.alignment_verdict([0.6, 0.62, 0.61], [0.6, 0.61, 0.6], 0.5, "x").startswith("does not")
+    assert analysis.alignment_verdict([0.45, 0.46, 0.44], [0.3, 0.3, 0.3], 0.5, "x").startswith("does not")
+
+
+def test_frontier_table_and_verdicts():
+    rows = []
+    for method, rewards in (("dpo", [0.1, 0.3, 0.5]), ("tdpo1", [0.05, 0.2, 0.6]), ("sparsepo_common", [0.1, 0.25, 0.7])):
+        for kl, reward in zip((1.0, 4.0, 9.0), rewards):
+            rows.append({"method": method, "kl": kl, "reward": reward, "reward_lo": reward - 0.02,
+                         "reward_hi": reward + 0.02, "step": 1})
+    table = analysis.frontier_table(pd.DataFrame(rows), (2.0, 5.0, 10.0))
+    assert table.loc["dpo", "reward@KL<=5"] == pytest.approx(0.3)
+    assert table.loc["tdpo1", "reward@KL<=10"] == pytest.approx(0.6)
+    assert table.loc["dpo", "ci@KL<=2"] == pytest.approx(0.02)
+    verdicts = analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))
+    assert verdicts["DPO has the best frontier at low KL"].startswith("holds")
+    assert verdicts["sparsepo_common frontier >= TDPO-1"].startswith("holds")
+    table.loc["sparsepo_common", "reward@KL<=10"] = 0.3
+    assert analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))["sparsepo_common frontier >= TDPO-1"].startswith(
+        "does not")
