@@ -198,12 +198,13 @@ def test_alignment_verdict_compares_with_untrained_and_random():
 
 def test_frontier_table_and_verdicts():
     rows = []
-    for method, rewards in (("dpo", [0.1, 0.3, 0.5]), ("tdpo1", [0.05, 0.2, 0.6]), ("sparsepo_common", [0.1, 0.25, 0.7])):
+    for method, rewards in (("dpo", [0.3, 0.35, 0.5]), ("tdpo1", [0.05, 0.2, 0.6]),
+                            ("sparsepo_common", [0.1, 0.25, 0.7])):
         for kl, reward in zip((1.0, 4.0, 9.0), rewards):
             rows.append({"method": method, "kl": kl, "reward": reward, "reward_lo": reward - 0.02,
                          "reward_hi": reward + 0.02, "step": 1})
     table = analysis.frontier_table(pd.DataFrame(rows), (2.0, 5.0, 10.0))
-    assert table.loc["dpo", "reward@KL<=5"] == pytest.approx(0.3)
+    assert table.loc["dpo", "reward@KL<=5"] == pytest.approx(0.35)
     assert table.loc["tdpo1", "reward@KL<=10"] == pytest.approx(0.6)
     assert table.loc["dpo", "ci@KL<=2"] == pytest.approx(0.02)
     verdicts = analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))
@@ -212,3 +213,9 @@ def test_frontier_table_and_verdicts():
     table.loc["sparsepo_common", "reward@KL<=10"] = 0.3
     assert analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))["sparsepo_common frontier >= TDPO-1"].startswith(
         "does not")
+    table.loc["sparsepo_common", ["reward@KL<=2", "reward@KL<=5", "reward@KL<=10"]] = [0.06, 0.21, 0.59]
+    assert analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))["sparsepo_common frontier >= TDPO-1"].startswith(
+        "inconclusive")
+    table.loc["tdpo1", "reward@KL<=2"] = 0.29
+    assert analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))["DPO has the best frontier at low KL"].startswith(
+        "inconclusive")

@@ -139,12 +139,11 @@ def sparsity(weights: dict[str, list[np.ndarray]]) -> float:
     return float((flat == 0).mean())
 
 
-def heatmap_rows(tokenizer, tokenized, weights_by_name: dict[str, dict[str, list[np.ndarray]]],
-                 pairs: Sequence[int], side: str = "chosen") -> list[tuple[str, list[str], np.ndarray]]:
-    """(label, completion tokens, weights) rows for `plots.token_heatmap`: for each pair index, one row per mask."""
-    rows = []
+def heatmap_panels(tokenizer, tokenized, weights_by_name: dict[str, dict[str, list[np.ndarray]]],
+                   pairs: Sequence[int], side: str = "chosen") -> list[tuple[str, list[str], dict[str, np.ndarray]]]:
+    """(title, completion tokens, {mask name: weights}) per pair index, for `figures.mask_heatmap`."""
+    panels = []
     for i in pairs:
         tokens = [tokenizer.decode([t]) for t in tokenized[i][f"{side}_ids"]]
-        for name, weights in weights_by_name.items():
-            rows.append((f"pair {i} · {name}", tokens, weights[side][i]))
-    return rows
+        panels.append((f"held-out pair {i}, {side}", tokens, {name: w[side][i] for name, w in weights_by_name.items()}))
+    return panels

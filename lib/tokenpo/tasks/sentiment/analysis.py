@@ -103,25 +103,31 @@ def alignment_verdict(trained: Sequence[float], untrained: Sequence[float], rand
             f"seeds) vs untrained {u.mean():.3f}, random {random_auroc:.3f})")
 
 
+def _compare(a: float, b: float, tol: float) -> str:
+    return "above" if a > b + tol else ("below" if a < b - tol else "within CI")
+
+
 def frontier_verdicts(table: pd.DataFrame, levels: Sequence[float]) -> dict[str, str]:
     """Two frontier claims read off the paper's figure: DPO has the best frontier at low KL; SparsePO's frontier is
-    at least that of TDPO-1, the objective it masks. Differences within the confidence half-width are ties."""
+    at least that of TDPO-1, the objective it masks. A difference counts only beyond the larger 95 % CI half-width
+    of the two points: "holds" (better), "does not hold" (worse), else "inconclusive (within the CI)"."""
     out = {}
     low = min(levels)
     col, ci = f"reward@KL<={low:g}", f"ci@KL<={low:g}"
     if "dpo" in table.index and not math.isnan(table.loc["dpo", col]):
         others = table.drop(index="dpo")[col].dropna()
-        best_other = others.idxmax() if len(others) else None
-        tol = float(np.nanmax([table.loc["dpo", ci], table.loc[best_other, ci]])) if best_other else 0.0
-        gap = table.loc["dpo", col] - (others.max() if len(others) else -np.inf)
-        verdict = "holds" if gap >= -tol else "does not hold"
-        out["DPO has the best frontier at low KL"] = (
-            f"{verdict} (KL <= {low:g}: DPO {table.loc['dpo', col]:.3f}, best other {best_other} "
-            f"{others.max():.3f}, CI half-width {tol:.3f})")
+        if len(others):
+            best_other = others.idxmax()
+            tol = float(np.nanmax([table.loc["dpo", ci], table.loc[best_other, ci]]))
+            side = _compare(table.loc["dpo", col], others.max(), tol)
+            verdict = {"above": "holds", "below": "does not hold"}.get(side, "inconclusive (within the CI)")
+            out["DPO has the best frontier at low KL"] = (
+                f"{verdict} (KL <= {low:g}: DPO {table.loc['dpo', col]:.3f}, best other {best_other} "
+                f"{others.max():.3f}, CI half-width {tol:.3f})")
     for variant in [m for m in table.index if m.startswith("sparsepo")]:
         if "tdpo1" not in table.index:
             break
-        parts, verdicts = [], []
+        parts, sides = [], []
         for level in levels:
             col, ci = f"reward@KL<={level:g}", f"ci@KL<={level:g}"
             s, t = table.loc[variant, col], table.loc["tdpo1", col]
@@ -129,8 +135,15 @@ def frontier_verdicts(table: pd.DataFrame, levels: Sequence[float]) -> dict[str,
                 parts.append(f"KL<={level:g}: not measurable")
                 continue
             tol = float(np.nanmax([table.loc[variant, ci], table.loc["tdpo1", ci]]))
-            verdicts.append(s >= t - tol)
-            parts.append(f"KL<={level:g}: {s:.3f} vs {t:.3f}")
-        verdict = "not measurable" if not verdicts else ("holds" if all(verdicts) else "does not hold")
+            sides.append(_compare(s, t, tol))
+            parts.append(f"KL<={level:g}: {s:.3f} vs {t:.3f} (±{tol:.3f})")
+        if not sides:
+            verdict = "not measurable"
+        elif "below" in sides:
+            verdict = "does not hold"
+        elif "above" in sides:
+            verdict = "holds"
+        else:
+            verdict = "inconclusive (within the CI)"
         out[f"{variant} frontier >= TDPO-1"] = f"{verdict} ({'; '.join(parts)})"
     return out

@@ -107,22 +107,27 @@ def _display_token(token: str) -> str:
     return token.replace(" ", "␣").replace("\n", "⏎") or "EOS"
 
 
-def mask_heatmap(rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], title: str = "") -> plt.Figure:
-    """One strip per (label, tokens, weights) row; each row coloured relative to its own largest weight (the
-    printed numbers are the weights)."""
-    width = max(len(tokens) for _, tokens, _ in rows)
-    fig, axes = plt.subplots(len(rows), 1, figsize=(1.5 + 0.55 * width, 0.95 * len(rows) + 0.4), squeeze=False)
-    for ax, (label, tokens, weights) in zip(axes[:, 0], rows):
-        w = np.asarray(weights, dtype=float)
-        scale = w.max() if w.size and w.max() > 0 else 1.0
-        ax.imshow((w / scale)[None, :], cmap="Reds", vmin=0, vmax=1, aspect="auto")
-        for j, value in enumerate(w):
-            ax.text(j, 0, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if value / scale > 0.6 else "black")
+def mask_heatmap(panels: Sequence[tuple[str, Sequence[str], Mapping[str, Sequence[float]]]],
+                 title: str = "") -> plt.Figure:
+    """One panel per example: (title, tokens, {mask name: weight per token}); a row per mask, coloured relative to
+    the row's largest weight (the printed numbers are the weights), tokens along the x axis."""
+    width = max(len(tokens) for _, tokens, _ in panels)
+    heights = [len(rows) + 1.6 for _, _, rows in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(2.4 + 0.5 * width, 0.42 * sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (label, tokens, rows) in zip(axes[:, 0], panels):
+        w = np.array([np.asarray(v, dtype=float) for v in rows.values()])
+        scale = np.where(w.max(1, keepdims=True) > 0, w.max(1, keepdims=True), 1.0)
+        ax.imshow(w / scale, cmap="Reds", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        for i in range(w.shape[0]):
+            for j in range(w.shape[1]):
+                ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if w[i, j] / scale[i, 0] > 0.6 else "black")
         ax.set_xticks(range(len(tokens)), [_display_token(t) for t in tokens], rotation=60, ha="right", fontsize=7)
-        ax.set_yticks([])
-        ax.set_title(label, fontsize=8, loc="left")
+        ax.set_yticks(range(len(rows)), list(rows), fontsize=7)
+        ax.set_title(label, fontsize=9, loc="left")
         ax.grid(False)
+        ax.tick_params(length=0)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
