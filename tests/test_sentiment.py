@@ -138,7 +138,8 @@ def test_alignment_auroc_one_for_the_indicator_and_half_for_random():
     assert share["mass_on_labelled"] == pytest.approx(1.0) and 0.15 < share["uniform_share"] < 0.25
     uniform = alignment.mass_share(_weights_like(labels, lambda y: np.ones(len(y))), labels)
     assert uniform["mass_on_labelled"] == pytest.approx(uniform["uniform_share"])
-    assert alignment.sparsity(indicator) == pytest.approx(1 - np.concatenate(labels["chosen"] + labels["rejected"]).mean())
+    labelled_share = np.concatenate(labels["chosen"] + labels["rejected"]).mean()
+    assert alignment.sparsity(indicator) == pytest.approx(1 - labelled_share)
     with pytest.raises(ValueError, match="row 0"):
         alignment.alignment_auroc({"chosen": [np.ones(3)], "rejected": []}, {"chosen": [np.ones(4)], "rejected": []})
 

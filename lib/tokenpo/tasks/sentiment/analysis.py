@@ -31,7 +31,8 @@ def frontier_points(results: Sequence[RunResult], reference_eval: dict, seeds: S
 
 
 def method_frontiers(points: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {m: pareto_frontier(g["kl"].to_numpy(), g["reward"].to_numpy()) for m, g in points.groupby("method", sort=False)}
+    return {m: pareto_frontier(g["kl"].to_numpy(), g["reward"].to_numpy())
+            for m, g in points.groupby("method", sort=False)}
 
 
 def frontier_table(points: pd.DataFrame, levels: Sequence[float]) -> pd.DataFrame:
@@ -73,7 +74,8 @@ def results_table(results: Sequence[RunResult]) -> pd.DataFrame:
 
 def kl_sparsity(result: RunResult) -> float:
     """KL-mask sparsity late in training, chosen and rejected averaged."""
-    return float(np.nanmean([result.late_mean("mask/sparsity_kl_chosen"), result.late_mean("mask/sparsity_kl_rejected")]))
+    return float(np.nanmean([result.late_mean("mask/sparsity_kl_chosen"),
+                             result.late_mean("mask/sparsity_kl_rejected")]))
 
 
 # ------------------------------------------------------------------------------------------------- verdicts
