@@ -18,12 +18,7 @@ from tokenpo.tasks.sentiment.reward import SentimentClassifier, train_classifier
 from tokenpo.tasks.sentiment.sweep import RunSpec, sweep_specs, train_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
