@@ -17,7 +17,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tokenpo.data.preference import PreferenceCollator
-from tokenpo.train import TrainConfig, train
+from tokenpo.training import TrainConfig, train
 
 PAD, EOS, POISON, VOCAB = 0, 1, 63, 64
 
@@ -43,19 +43,9 @@ def make_pairs(n: int, seed: int = 0, poison_row: int | None = None) -> list[dic
     return rows
 
 
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """`PreferenceCollator` batches, plus per-completion-token columns (`chosen_<x>`/`rejected_<x>` lists with one
-    value per completion token) as [B, L] tensors aligned with the input ids (0 on prompt and padding)."""
-    batch = PreferenceCollator(PAD)(rows)
-    extra = sorted({k[len("chosen_"):] for k in rows[0] if k.startswith("chosen_") and k != "chosen_ids"})
-    for name in extra:
-        for side in ("chosen", "rejected"):
-            column = torch.zeros(batch[f"{side}_input_ids"].shape)
-            for b, r in enumerate(rows):
-                start = len(r["prompt_ids"])
-                column[b, start:start + len(r[f"{side}_ids"])] = torch.tensor(r[f"{side}_{name}"], dtype=torch.float)
-            batch[f"{side}_{name}"] = column
-    return batch
+# PreferenceCollator places per-completion-token columns (chosen_<x>/rejected_<x>: selections, weights,
+# token_scores, ...) at the input positions of their tokens, [B, L]
+collate = PreferenceCollator(PAD)
 
 
 class SleepAfter:
@@ -64,7 +54,7 @@ class SleepAfter:
     def __init__(self, step: int, marker: Path, seconds: float = 120.0):
         self.step, self.marker, self.seconds = step, Path(marker), seconds
 
-    def on_step_end(self, step, metrics, policy, masks):
+    def on_step_end(self, step, metrics, policy, providers):
         if step == self.step:
             self.marker.write_text(str(step))
             time.sleep(self.seconds)

@@ -232,11 +232,10 @@ def test_collator_works_in_a_dataloader(tokenizer):
 
 
 def test_collator_pads_per_token_columns_aligned_with_the_labels(tokenizer):
-    """`chosen_<key>`/`rejected_<key>` (one value per completion token) become [B, L] columns that the trainer's
-    shift ([:, 1:]) puts on the label position of the very token each value belongs to."""
-    from tokenpo.losses import get_objective
+    """`chosen_<key>`/`rejected_<key>` (one value per completion token) become [B, L] columns that the Columns
+    provider's shift ([:, 1:]) puts on the label position of the very token each value belongs to."""
+    from tokenpo.providers import Columns, StepContext
     from tokenpo.tokens import completion_labels
-    from tokenpo.train_step import batch_columns
 
     tokenized = tokenize_pairs(ROWS, tokenizer)
     features = []
@@ -246,7 +245,7 @@ def test_collator_pads_per_token_columns_aligned_with_the_labels(tokenizer):
             f[f"{s}_weights"] = [100 * (i + 1) + 10 * code + j for j in range(len(f[f"{s}_ids"]))]
         features.append(f)
     batch = PreferenceCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)(features)
-    extra = batch_columns(get_objective("tis_dpo"), {"beta": 0.1}, batch)
+    extra = Columns("weights")(StepContext(batch=batch, labels=None, chosen=None, rejected=None, hparams={}))
     for k, s in enumerate(("chosen", "rejected")):
         column = batch[f"{s}_weights"]
         assert column.shape == batch[f"{s}_input_ids"].shape and column.dtype == torch.float32

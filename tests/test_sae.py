@@ -1,13 +1,16 @@
-"""Tests of tokenpo.sae (sparse autoencoder, activations, pooled features) and the FPO reference cache."""
+"""Tests of tokenpo.providers.sae (sparse autoencoder, activations) and tokenpo.providers.fpo (pooled features, the
+offline reference cache)."""
 import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tokenpo.cache
-from tokenpo.masks import completion_label_logps
-from tokenpo.sae import (FPOReferenceCache, SAEConfig, SparseAutoencoder, _JumpReLU, _Step, capture_residual,
-                         collect_activations, pooled_features, residual_stream, train_sae)
+from tokenpo.providers.activations import capture_sites
+from tokenpo.providers.fpo import FPOReferenceCache, pooled_features
+from tokenpo.providers.sae import (SAEConfig, SparseAutoencoder, _JumpReLU, _Step, collect_activations,
+                                   residual_stream, train_sae)
+from tokenpo.tokens import completion_logps
 
 VOCAB = 64
 
@@ -170,9 +173,14 @@ def test_residual_capture_and_activations(gpt2):
     torch.testing.assert_close(residual_stream(gpt2, ids, attn, layer=0), hf[1])
     torch.testing.assert_close(residual_stream(gpt2, ids, attn, site="final_norm"), hf[-1])
     hooks_before = sum(len(m._forward_hooks) for m in gpt2.modules())   # HF keeps its own capture hooks
-    with capture_residual(gpt2, layer=-1) as cap:
+    with capture_sites(gpt2, [(-1, "block_out"), (0, "mlp_out")]) as cap:
         gpt2(ids, attention_mask=attn)
-    torch.testing.assert_close(gpt2.transformer.ln_f(cap["hidden"]), hf[-1])
+    torch.testing.assert_close(gpt2.transformer.ln_f(cap[(-1, "block_out")]), hf[-1])
+    block = gpt2.transformer.h[0]     # block output = x + attn(ln_1 x) + mlp(ln_2(x + attn(ln_1 x)))
+    with torch.no_grad():
+        after_attn = hf[0] + block.attn(block.ln_1(hf[0]), attention_mask=None)[0]
+    real = attn.bool()                # (the hand-run attention ignores padding: compare real tokens)
+    torch.testing.assert_close((hf[1] - after_attn)[real], cap[(0, "mlp_out")][real], atol=1e-5, rtol=1e-4)
     assert sum(len(m._forward_hooks) for m in gpt2.modules()) == hooks_before
     acts = collect_activations(gpt2, [batch], layer=0, progress=False)
     n_tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
@@ -240,7 +248,7 @@ def test_fpo_cache_build_from_reference(tmp_path, gpt2):
     out = loaded.get(torch.tensor([4, 0]))
     b = batches[1]
     labels_mask = b["chosen_completion_mask"][:, 1:]
-    logps = completion_label_logps(gpt2, b["chosen_input_ids"], b["chosen_attention_mask"], labels_mask)
+    logps = completion_logps(gpt2, b["chosen_input_ids"], b["chosen_attention_mask"], b["chosen_completion_mask"])
     torch.testing.assert_close(out["ref_logps_mean_chosen"][0], logps[1].sum() / labels_mask[1].sum())
     hidden = residual_stream(gpt2, b["chosen_input_ids"], b["chosen_attention_mask"], layer=1)[:, :-1]
     with torch.no_grad():

@@ -11,8 +11,10 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from tokenpo import sandbox
-from tokenpo.sandbox import SandboxLimits, estimate_pass_at_k, pass_at_k, run_python
+from tokenpo.evaluation import code as code_eval
+from tokenpo.evaluation import sandbox
+from tokenpo.evaluation.code import estimate_pass_at_k, pass_at_k
+from tokenpo.evaluation.sandbox import SandboxLimits, run_python
 
 TIGHT = SandboxLimits(wall_time=2.0, cpu_time=2.0, memory_bytes=512 << 20, max_processes=16,
                       max_output_bytes=1 << 20)
@@ -220,7 +222,7 @@ def test_humaneval_canonical_pass_and_mutants_fail():
     ids = [f"HumanEval/{i}" for i in range(0, 160, 16)]  # 10 problems spread over the set
     samples = [(t, problems[t]["canonical_solution"]) for t in ids]
     samples += [(t, _return_none(problems[t]["canonical_solution"])) for t in ids]
-    results = sandbox.check_completions(problems, samples, timeout=5.0, workers=2)
+    results = code_eval.check_completions(problems, samples, timeout=5.0, workers=2)
     canonical, mutated = results[: len(ids)], results[len(ids):]
     assert all(r.passed for r in canonical), [(r.task_id, r.message) for r in canonical if not r.passed]
     assert not any(r.passed for r in mutated), [r.task_id for r in mutated if r.passed]

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from tokenpo.data import load_sentiment_rows
 from tokenpo.data.preference import PreferenceCollator, tokenize_pairs
-from tokenpo.masks import SparsePOMasks
+from tokenpo.providers import SparsePOMasks
 from tokenpo.models import train_tokenizer
 from tokenpo.profiles import get_profile
 from tokenpo.tasks.sentiment import alignment, analysis
@@ -171,8 +171,8 @@ def test_sweep_specs_and_mask_settings():
     assert sorted(s.seed for s in seeded) == list(range(cfg.mask_seeds))
     ours = train_config(RunSpec("sparsepo_independent", 0.8), cfg, "", 10)
     official = train_config(RunSpec("sparsepo_independent", 0.8, mask_settings="official"), cfg, "", 10)
-    assert ours.mask_learning_rate == cfg.mask_lr and ours.mask_kwargs == {"mixer_init": cfg.mixer_init}
-    assert official.mask_learning_rate is None and official.mask_kwargs == {}
+    assert ours.provider_learning_rate == cfg.mask_lr and ours.providers[0].mask_kwargs == {"mixer_init": cfg.mixer_init}
+    assert official.provider_learning_rate is None and official.providers is None
     assert ours.hparams == {"beta": 0.8, "common": False, "l1_reward": cfg.l1, "l1_kl": cfg.l1}
     assert train_config(RunSpec("simpo", 2.0), cfg, "", 10).hparams == {"beta": 2.0, "gamma": cfg.simpo_gamma}
     with pytest.raises(ValueError, match="unknown method"):

@@ -149,6 +149,45 @@ def test_prompt_and_padding_contribute_nothing(chunk_size):
     assert (p["hidden"].grad[~off].abs().sum(-1) > 0).all()
 
 
+@pytest.mark.parametrize("junk", [math.nan, math.inf])
+def test_non_finite_logits_at_padding_reach_neither_statistics_nor_gradients(junk):
+    """Plain path: a NaN/inf logit of the policy or the reference at a prompt/padding position changes nothing
+    (only completion rows are normalised, so nothing flows back through the junk)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[IGNORE_INDEX, 3, 1, IGNORE_INDEX], [2, 0, 4, 4]])
+    clean, ref = torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+    weights = torch.randn(2, 4, generator=g)
+
+    def run(logits, ref_logits):
+        logits = logits.clone().requires_grad_()
+        stats = token_stats(logits, labels, ref_logits)
+        (weights * (stats.logps + stats.kl + stats.ref_logps)).sum().backward()
+        return stats, logits.grad
+
+    expected, expected_grad = run(clean, ref)
+    poisoned, poisoned_ref = clean.clone(), ref.clone()
+    poisoned[0, 0, 2] = poisoned_ref[0, 3, 1] = junk
+    got, grad = run(poisoned, poisoned_ref)
+    for name in ("logps", "ref_logps", "kl"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name))
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("junk", [math.nan, math.inf])
+def test_chunked_non_finite_hidden_at_padding_reaches_nothing(junk):
+    p = _problem(batch=2, length=6, hidden=8, vocab=20)
+    clean_values, clean_grads, _ = _run(p, 4)
+    off = p["labels"] == IGNORE_INDEX
+    with torch.no_grad():
+        p["hidden"][off] = junk
+        p["ref_hidden"][off] = junk
+    values, grads, _ = _run(p, 4)
+    for a, b in zip(clean_values + clean_grads[1:], values + grads[1:]):
+        torch.testing.assert_close(b, a)
+    torch.testing.assert_close(grads[0][~off], clean_grads[0][~off])
+
+
 def test_chunked_reference_gets_no_gradient():
     p = _problem(batch=2, length=5, hidden=6, vocab=11)
     p["ref_hidden"].requires_grad_()

@@ -22,13 +22,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import _train_script as helper  # noqa: E402
 
-from tokenpo.checkpoint import EpochSampler, list_checkpoints, read_metrics  # noqa: E402
-from tokenpo.optim import parameter_groups  # noqa: E402
-from tokenpo.train import NonFiniteLossError, TrainConfig, evaluate_pairs, train  # noqa: E402
-from tokenpo.train_step import TrainablePolicy  # noqa: E402
+from tokenpo.providers import Columns, MaPOMasks, Needs, Provider, SePOSelections, SparsePOMasks  # noqa: E402
+from tokenpo.training import NonFiniteLossError, TrainConfig, evaluate_pairs, train  # noqa: E402
+from tokenpo.training.checkpoint import EpochSampler, list_checkpoints, read_metrics  # noqa: E402
+from tokenpo.training.optim import parameter_groups  # noqa: E402
+from tokenpo.training.step import TrainablePolicy  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "_train_script.py"
-METRIC_KEYS_SKIPPED = ("step", "epoch", "lr", "lr_mask")
+METRIC_KEYS_SKIPPED = ("step", "epoch", "lr", "lr_providers")
 
 
 def _env() -> dict[str, str]:
@@ -100,8 +101,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-5", "checkpoint-8"]  # and the final step
     for name, value in first.policy.state_dict().items():
         assert torch.equal(value, resumed.policy.state_dict()[name]), name
-    for name, value in first.masks.state_dict().items():
-        assert torch.equal(value, resumed.masks.state_dict()[name]), name
+    for name, value in first.providers[0].state_dict().items():
+        assert torch.equal(value, resumed.providers[0].state_dict()[name]), name
 
 
 def test_checkpoint_rotation_and_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
@@ -119,7 +120,7 @@ class _Snapshot:
     def __init__(self, step):
         self.step, self.state = step, None
 
-    def on_step_end(self, step, metrics, policy, masks):
+    def on_step_end(self, step, metrics, policy, providers):
         if step == self.step:
             self.state = copy.deepcopy(policy.state_dict())
 
@@ -137,7 +138,7 @@ def test_dpo_learns_and_logged_metrics_match_a_hand_computation(tmp_path):
     pairs = helper.make_pairs(n_pairs, seed=0)
     snapshot = _Snapshot(checked_step - 1)
     result = helper.run(tmp_path, n_pairs=n_pairs, batch_size=batch_size, max_steps=24, method="dpo",
-                        hparams={"beta": beta}, eval_dataset=pairs, eval_every=12, callbacks=[snapshot])
+                        hparams={"beta": beta}, eval_dataset=pairs, eval_every=12, callbacks=[snapshot], log_kl=True)
     before, after = result.eval_history[0], result.eval_history[-1]
     assert [r["step"] for r in result.eval_history] == [0, 12, 24]
     assert before["rewards/accuracies"] == 0.0 and before["rewards/margins"] == 0.0  # policy == reference
@@ -145,7 +146,7 @@ def test_dpo_learns_and_logged_metrics_match_a_hand_computation(tmp_path):
     assert after["rewards/margins"] > 0.5
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert evaluate_pairs(result.policy, helper.tiny_model(0), pairs,
-                          TrainConfig(method="dpo", hparams={"beta": beta}), collator=helper.collate) == \
+                          TrainConfig(method="dpo", hparams={"beta": beta}, log_kl=True), collator=helper.collate) == \
         pytest.approx({k: v for k, v in after.items() if k != "step"}, rel=1e-5, abs=1e-6)
 
     # Step 5 is the first batch of epoch 1: its rows follow from (seed, epoch) alone.
@@ -196,9 +197,9 @@ def test_bf16_run_in_the_same_process_as_fp32_runs(tmp_path):
 
 # ------------------------------------------------------------------------------------------- masks, LoRA
 class _InitialState:
-    def on_train_begin(self, policy, masks):
+    def on_train_begin(self, policy, providers):
         self.policy = copy.deepcopy(policy.state_dict())
-        self.masks = copy.deepcopy(masks.state_dict())
+        self.masks = copy.deepcopy(providers[0].state_dict())
 
 
 def test_sparsepo_with_lora_trains_masks_and_adapters_but_not_base_weights(tmp_path):
@@ -208,7 +209,7 @@ def test_sparsepo_with_lora_trains_masks_and_adapters_but_not_base_weights(tmp_p
     initial = _InitialState()
     config = TrainConfig(method="sparsepo", lora=lora, learning_rate=1e-2, batch_size=4, max_steps=6,
                          out_dir=str(tmp_path), cpu=True, progress=False, schedule="constant", seed=0,
-                         mask_kwargs={"mixer_init": 0.5})
+                         providers=[SparsePOMasks(mixer_init=0.5)], log_kl=True)
     result = train(policy, None, helper.make_pairs(16), config, collator=helper.collate, callbacks=[initial])
 
     assert hasattr(result.policy, "peft_config")  # reference = the same model with adapters disabled
@@ -218,42 +219,41 @@ def test_sparsepo_with_lora_trains_masks_and_adapters_but_not_base_weights(tmp_p
         assert torch.equal(trained[peft_name], value), name
     lora_b = [k for k in trained if "lora_B" in k]
     assert lora_b and all(not torch.equal(trained[k], initial.policy[k]) for k in lora_b)
-    changed = [k for k, v in result.masks.state_dict().items() if not torch.equal(v, initial.masks[k])]
+    masks = result.providers[0]
+    changed = [k for k, v in masks.state_dict().items() if not torch.equal(v, initial.masks[k])]
     assert sorted(changed) == sorted(initial.masks)  # every mask parameter moved
     assert result.history[-1]["mask/sparsity_reward_chosen"] >= 0.0
     assert result.history[-1]["kl/chosen"] > 0.0  # the adapters moved the policy away from the reference
 
-    from safetensors.torch import load_file
     assert (result.final_dir / "adapter_config.json").exists()
-    saved = load_file(str(result.final_dir / "token_mask.safetensors"))
-    assert all(torch.equal(saved[k], v) for k, v in result.masks.state_dict().items())
+    saved = SparsePOMasks.from_pretrained(result.final_dir / "providers" / "0-SparsePOMasks")   # mode, sizes and all
+    assert saved.mode == masks.mode and saved.mask_kwargs["mixer_init"] == 0.5
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in masks.state_dict().items())
 
 
-def test_mask_parameters_get_their_own_learning_rate_weight_decay_and_freeze(tmp_path):
-    from tokenpo.masks import SparsePOMasks
-
+def test_provider_parameters_get_their_own_learning_rate_weight_decay_and_freeze(tmp_path):
     policy = helper.tiny_model(0)
     masks = SparsePOMasks.from_model_config(policy.config, mode="independent")
-    module = TrainablePolicy(policy, masks)
-    groups = {g["name"]: g for g in parameter_groups(module, lr=1e-3, weight_decay=0.1, mask_lr=5e-3,
-                                                     mask_weight_decay=0.01)}
-    assert set(groups) == {"decay", "no_decay", "masks"}
+    module = TrainablePolicy(policy, [masks])
+    groups = {g["name"]: g for g in parameter_groups(module, lr=1e-3, weight_decay=0.1, provider_lr=5e-3,
+                                                     provider_weight_decay=0.01)}
+    assert set(groups) == {"decay", "no_decay", "providers"}
     assert (groups["decay"]["lr"], groups["decay"]["weight_decay"]) == (1e-3, 0.1)
     assert (groups["no_decay"]["lr"], groups["no_decay"]["weight_decay"]) == (1e-3, 0.0)
-    assert (groups["masks"]["lr"], groups["masks"]["weight_decay"]) == (5e-3, 0.01)
-    assert {id(p) for p in groups["masks"]["params"]} == {id(p) for p in masks.parameters()}
+    assert (groups["providers"]["lr"], groups["providers"]["weight_decay"]) == (5e-3, 0.01)
+    assert {id(p) for p in groups["providers"]["params"]} == {id(p) for p in masks.parameters()}
     assert all(p.dim() >= 2 for p in groups["decay"]["params"])
     assert sum(len(g["params"]) for g in groups.values()) == len(list(module.parameters()))
 
     seen = {}
 
     class MaskWatcher(_InitialState):
-        def on_step_end(self, step, metrics, policy, masks):
-            seen[step] = (metrics["lr"], metrics["lr_mask"], copy.deepcopy(masks.state_dict()))
+        def on_step_end(self, step, metrics, policy, providers):
+            seen[step] = (metrics["lr"], metrics["lr_providers"], copy.deepcopy(providers[0].state_dict()))
 
     watcher = MaskWatcher()
-    helper.run(tmp_path, method="sparsepo", max_steps=4, lr=1e-3, mask_learning_rate=5e-3, mask_freeze_steps=2,
-               hparams={"common": False}, callbacks=[watcher])
+    helper.run(tmp_path, method="sparsepo", max_steps=4, lr=1e-3, provider_learning_rate=5e-3,
+               provider_freeze_steps=2, hparams={"common": False}, callbacks=[watcher])
     assert [seen[s][:2] for s in (1, 2, 3, 4)] == [(1e-3, 0.0), (1e-3, 0.0), (1e-3, 5e-3), (1e-3, 5e-3)]
     frozen, thawed = seen[2][2], seen[4][2]
     assert all(torch.equal(frozen[k], v) for k, v in watcher.masks.items())  # lr 0: no update, no decay
@@ -281,8 +281,12 @@ def test_nan_loss_stops_with_the_step_and_the_dataset_rows(tmp_path):
 def test_configuration_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="'gamma'.*does not take"):
         helper.run(tmp_path / "a", method="dpo", hparams={"gamma": 1.0}, max_steps=1)
-    with pytest.raises(ValueError, match="needs extra inputs \\['weights'\\].*chosen_weights/rejected_weights"):
+    with pytest.raises(ValueError, match="no column 'chosen_weights'.*chosen_weights/rejected_weights"):
         helper.run(tmp_path / "b", method="tis_dpo", max_steps=1)
+    with pytest.raises(ValueError, match="extra inputs \\['features', 'ref_features'\\].*FPOFeatures"):
+        helper.run(tmp_path / "d", method="fpo", max_steps=1)
+    with pytest.raises(ValueError, match="takes no input \\['masks'\\]"):
+        helper.run(tmp_path / "e", method="dpo", providers=[MaPOMasks()], max_steps=1)
     with pytest.raises(ValueError, match="unknown objective 'dpoo'"):
         helper.run(tmp_path / "c", method="dpoo", max_steps=1)
     with pytest.raises(ValueError, match="batch_size"):
@@ -290,32 +294,50 @@ def test_configuration_errors_name_the_setting(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- extra inputs
-def test_extra_inputs_from_the_hook_and_from_batch_columns(tmp_path):
-    """Plumbing checks through known equivalences: TIS-DPO with unit weights (hook) and MaPO with uniform masks
-    are TDPO-1; SePO selecting every completion token (a per-token dataset column) is SimPO with β=1, γ=0."""
+class UnitWeights(Provider):
+    """A provider written in a test, as a user would: TIS-DPO weights 1 on every completion token. It asks for both
+    models' per-layer states only to check that the trainer hands them over."""
+
+    provides = ("weights",)
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def needs(self):
+        return Needs(policy_layers=True, reference_layers=True)
+
+    def forward(self, ctx):
+        self.seen.append((ctx.step, ctx.policy_layers is not None, ctx.reference_layers is not None))
+        return {"weights": (ctx.chosen.mask, ctx.rejected.mask)}
+
+
+def test_extra_inputs_from_a_user_provider_and_from_dataset_columns(tmp_path):
+    """Plumbing checks through known equivalences: TIS-DPO with unit weights (a provider, or dataset columns) and
+    MaPO with uniform masks are TDPO-1; SePO selecting every completion token is SimPO with β=1, γ=0."""
     tdpo1 = helper.run(tmp_path / "tdpo1", method="tdpo1", max_steps=3).history
-    seen = []
-
-    def unit_weights(inputs):
-        seen.append((inputs.step, inputs.policy_layers is not None, inputs.reference_layers is not None))
-        return {"weights": (inputs.chosen.mask, inputs.rejected.mask)}
-
-    tis = helper.run(tmp_path / "tis", method="tis_dpo", max_steps=3, extra_inputs_fn=unit_weights,
-                     hook_policy_layers=True, hook_reference_layers=True).history
-    mapo = helper.run(tmp_path / "mapo", method="mapo", max_steps=3, mapo_kwargs={"hook": "uniform"}).history
-    same = ("step", "loss", "grad_norm", "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected")
-    for rows in (tis, mapo):  # (each logs its official code's rewards, so those differ)
-        _assert_rows_close([{k: r[k] for k in same} for r in rows], [{k: r[k] for k in same} for r in tdpo1])
-    assert seen == [(1, True, True), (2, True, True), (3, True, True)]
-
+    unit = UnitWeights()
+    tis = helper.run(tmp_path / "tis", method="tis_dpo", max_steps=3, providers=[unit]).history
     pairs = helper.make_pairs(16)
+    for row in pairs:
+        for side in ("chosen", "rejected"):
+            row[f"{side}_weights"] = [1.0] * len(row[f"{side}_ids"])
+    common = dict(learning_rate=1e-3, batch_size=4, max_steps=3, cpu=True, progress=False, seed=0,
+                  schedule="constant")
+    tis_columns = train(helper.tiny_model(0), None, pairs, TrainConfig(                  # default provider: Columns
+        method="tis_dpo", out_dir=str(tmp_path / "tis_columns"), **common), collator=helper.collate).history
+    mapo = helper.run(tmp_path / "mapo", method="mapo", max_steps=3, providers=[MaPOMasks(hook="uniform")]).history
+    same = ("step", "loss", "grad_norm", "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected")
+    for rows in (tis, tis_columns, mapo):  # (each logs its official code's rewards, so those differ)
+        _assert_rows_close([{k: r[k] for k in same} for r in rows], [{k: r[k] for k in same} for r in tdpo1])
+    assert unit.seen == [(1, True, True), (2, True, True), (3, True, True)]
+
     for row in pairs:
         row["chosen_selections"] = [1.0] * len(row["chosen_ids"])
         row["rejected_selections"] = [1.0] * len(row["rejected_ids"])
-    common = dict(learning_rate=1e-3, batch_size=4, max_steps=3, cpu=True, progress=False, seed=0,
-                  schedule="constant")
     sepo = train(helper.tiny_model(0), None, pairs, TrainConfig(method="sepo", out_dir=str(tmp_path / "sepo"),
-                                                                 **common), collator=helper.collate).history
+                                                                 providers=[Columns("selections")], **common),
+                 collator=helper.collate).history
     simpo = train(helper.tiny_model(0), None, helper.make_pairs(16),
                   TrainConfig(method="simpo", hparams={"beta": 1.0, "gamma": 0.0}, out_dir=str(tmp_path / "simpo"),
                               **common), collator=helper.collate).history
@@ -324,9 +346,7 @@ def test_extra_inputs_from_the_hook_and_from_batch_columns(tmp_path):
                        [{k: r[k] for k in ("step", *keep)} for r in simpo])
 
 
-def test_sepo_hook_selects_from_score_columns_and_random_tokens(tmp_path):
-    from tokenpo.train_hooks import sepo_inputs
-
+def test_sepo_selects_from_score_columns_and_random_tokens(tmp_path):
     gen = torch.Generator().manual_seed(0)
     pairs = helper.make_pairs(16)
     for row in pairs:  # oracle scores, one per completion token
@@ -335,26 +355,26 @@ def test_sepo_hook_selects_from_score_columns_and_random_tokens(tmp_path):
     common = dict(learning_rate=1e-3, batch_size=4, max_steps=3, cpu=True, progress=False, seed=0,
                   schedule="constant")
 
-    def run(name, method, hook=None, data=pairs, **extra):
-        config = TrainConfig(method=method, out_dir=str(tmp_path / name), extra_inputs_fn=hook, **common, **extra)
+    def run(name, method, providers=None, data=pairs, **extra):
+        config = TrainConfig(method=method, out_dir=str(tmp_path / name), providers=providers, **common, **extra)
         return train(helper.tiny_model(0), None, data, config, collator=helper.collate).history
 
-    everything = run("all", "sepo", sepo_inputs(1.0, 1.0))
+    everything = run("all", "sepo", [SePOSelections(1.0, 1.0)])
     simpo = run("simpo", "simpo", hparams={"beta": 1.0, "gamma": 0.0}, data=helper.make_pairs(16))
     keep = ("step", "loss", "rewards/margins", "grad_norm")
     _assert_rows_close([{k: r[k] for k in keep} for r in everything], [{k: r[k] for k in keep} for r in simpo])
 
-    top = run("top", "sepo", sepo_inputs(0.3, 0.3))
-    rand = run("rand", "sepo", sepo_inputs(0.3, 0.3, column=None, seed=1))
+    top = run("top", "sepo")                                     # the registry default: SePOSelections(0.3, 0.3)
+    rand = run("rand", "sepo", [SePOSelections(0.3, 0.3, column=None, seed=1)])
     for rows in (top, rand):
         assert "kl/chosen" not in rows[0]  # reference-free: no reference model ran
         assert 0.45 < rows[0]["mask/sparsity_reward_chosen"] < 0.85  # ~30% of tokens selected (at least one)
     assert top[0]["loss"] != rand[0]["loss"]
 
 
-def test_fpo_hook_with_offline_cache_matches_the_live_reference(tmp_path):
-    from tokenpo.sae import FPOReferenceCache, SAEConfig, SparseAutoencoder
-    from tokenpo.train_hooks import fpo_inputs
+def test_fpo_with_offline_cache_matches_the_live_reference(tmp_path):
+    from tokenpo.providers import FPOFeatures, FPOReferenceCache
+    from tokenpo.providers.sae import SAEConfig, SparseAutoencoder
 
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(d_in=32, width=48, layer=0, site="block_out"))
@@ -367,16 +387,18 @@ def test_fpo_hook_with_offline_cache_matches_the_live_reference(tmp_path):
     common = dict(learning_rate=1e-3, batch_size=4, max_steps=3, cpu=True, progress=False, seed=0,
                   schedule="constant", hparams={"k": 8})
     live = train(helper.tiny_model(0), None, pairs, TrainConfig(
-        method="fpo", out_dir=str(tmp_path / "live"), extra_inputs_fn=fpo_inputs(sae, layer=0, pooling="paper"),
-        **common), collator=helper.collate).history
+        method="fpo", out_dir=str(tmp_path / "live"), providers=[FPOFeatures(sae, layer=0, pooling="paper")],
+        log_kl=True, **common), collator=helper.collate).history
     cached = train(helper.tiny_model(0), None, pairs, TrainConfig(
         method="fpo", out_dir=str(tmp_path / "cached"),
-        extra_inputs_fn=fpo_inputs(sae, layer=0, pooling="paper", cache=cache), **common),
+        providers=[FPOFeatures(sae, layer=0, pooling="paper", cache=cache)], log_kl=True, **common),
         collator=helper.collate).history
     assert "kl/chosen" in live[0] and "kl/chosen" not in cached[0]  # the cached run has no reference model
     keep = ("step", "loss", "rewards/margins", "features/mse_chosen", "features/mse_rejected", "grad_norm")
     _assert_rows_close([{k: r[k] for k in keep} for r in cached], [{k: r[k] for k in keep} for r in live])
     assert live[-1]["features/mse_rejected"] > 0.0
+    with pytest.raises(ValueError, match="pooling 'paper' \\(cache\\) vs 'official'"):
+        FPOFeatures(sae, layer=0, pooling="official", cache=cache)
 
 
 # ------------------------------------------------------------------------------------------- real tokenizer, SFT
@@ -400,7 +422,7 @@ def _text_model(tokenizer):
 
 def test_sft_lowers_the_heldout_loss_and_text_pairs_train_end_to_end(tokenizer, tmp_path):
     from tokenpo.data.preference import tokenize_pairs
-    from tokenpo.sft import SFTConfig, heldout_loss, sft
+    from tokenpo.training.sft import SFTConfig, heldout_loss, sft
 
     texts = [f"review: the {a} film was great, the {c} was great" for a in ("old", "new", "long", "short", "odd")
              for c in ("plot", "cast", "music", "ending")]

@@ -6,14 +6,16 @@ Every objective in :mod:`tokenpo.losses` is a function of the same per-token qua
 * ``logps``     [B, T]  log π_θ(y_t | x, y_<t) of the label token;
 * ``ref_logps`` [B, T]  log π_ref(y_t | x, y_<t);
 * ``kl``        [B, T]  KL_t = Σ_v π_ref(v|·) [log π_ref(v|·) − log π_θ(v|·)] = D_KL(π_ref ‖ π_θ) over the full vocabulary
-  (the +KL sign of the TDPO/FPO code, papers.md §0 and §5.1).
+  (the +KL sign of the TDPO/FPO code, docs/equations.md#notation).
 
-Alignment (CONTEXT.md): a forward over ``input_ids [B, L]`` predicts token t+1 at position t, so T = L − 1,
+Alignment: a forward over ``input_ids [B, L]`` predicts token t+1 at position t, so T = L − 1,
 ``labels = input_ids[:, 1:]`` (-100 off the completion) and ``logits[:, :-1]`` / ``hidden[:, :-1]``.
 
 Two implementations give the same numbers:
 
-* :func:`token_stats` works on full logits ``[B, T, V]`` — the obviously-right reference;
+* :func:`token_stats` works on full logits ``[B, T, V]`` — the obviously-right reference; it normalises only the
+  completion rows (label != -100), so nothing at a prompt or padding position (even a NaN logit) reaches a statistic
+  or a gradient;
 * :func:`chunked_token_stats` works on hidden states and the output-embedding matrix and never holds more than
   ``chunk_size × V`` logits at once. Its custom autograd function saves only its inputs (plus two log-normalisers per
   row) and recomputes each chunk's logits in backward. Rows with label -100 are dropped before any logits are formed.
@@ -33,6 +35,9 @@ __all__ = [
     "IGNORE_INDEX",
     "TokenStats",
     "completion_labels",
+    "label_mask",
+    "align_to_labels",
+    "completion_logps",
     "token_stats",
     "chunked_token_stats",
     "hidden_states",
@@ -99,6 +104,28 @@ def completion_labels(input_ids: Tensor, completion_mask: Tensor) -> Tensor:
     return labels
 
 
+def label_mask(completion_mask: Tensor) -> Tensor:
+    """[B, L-1]: 1 where the label (the next token) is a completion token — ``completion_mask[:, 1:]``."""
+    return completion_mask[:, 1:]
+
+
+def align_to_labels(positions: Tensor) -> Tensor:
+    """A per-position tensor of a forward over ``input_ids [B, L]`` (logits, hidden states, activations:
+    [B, L, ...]) -> [B, L-1, ...] aligned with the labels: the state at position t predicts token t + 1.
+    The one place this alignment is written down; trainer, providers and analyses all call it."""
+    return positions[:, :-1]
+
+
+@torch.no_grad()
+def completion_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                     completion_mask: Tensor) -> Tensor:
+    """log π(y_t | x, y_<t) [B, L-1] of every completion label under ``model`` (0 elsewhere), float32, no
+    gradient: :func:`token_stats` on the model's aligned logits."""
+    labels = completion_labels(input_ids, completion_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return token_stats(align_to_labels(logits), labels, with_kl=False).logps
+
+
 def _check_labels(labels: Tensor, vocab_size: int, batch_shape: tuple[int, ...], what: str) -> None:
     if labels.dim() != 2 or tuple(labels.shape) != tuple(batch_shape):
         raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] matching {what} {tuple(batch_shape)}")
@@ -127,18 +154,23 @@ def token_stats(logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None
         raise ValueError(f"logits must be [B, T, V], got {tuple(logits.shape)}")
     _check_labels(labels, logits.shape[-1], logits.shape[:2], "logits")
     mask = labels != IGNORE_INDEX
-    index = labels.clamp_min(0).unsqueeze(-1)
     dtype = _compute_dtype(logits)
-    logp_all = logits.to(dtype).log_softmax(-1)
-    logps = torch.where(mask, logp_all.gather(-1, index).squeeze(-1), 0.0)
+    rows = mask.nonzero(as_tuple=True)             # completion positions only: what lies off them never matters
+    target = labels[rows].unsqueeze(-1)
+    logp_rows = logits[rows].to(dtype).log_softmax(-1)
+
+    def scatter(values: Tensor) -> Tensor:
+        return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put(rows, values)
+
+    logps = scatter(logp_rows.gather(-1, target).squeeze(-1))
     ref_logps = kl = None
     if ref_logits is not None:
         if ref_logits.shape != logits.shape:
             raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must match logits {tuple(logits.shape)}")
-        ref_all = ref_logits.detach().to(dtype).log_softmax(-1)
-        ref_logps = torch.where(mask, ref_all.gather(-1, index).squeeze(-1), 0.0)
+        ref_rows = ref_logits.detach()[rows].to(dtype).log_softmax(-1)
+        ref_logps = scatter(ref_rows.gather(-1, target).squeeze(-1))
         if with_kl:
-            kl = torch.where(mask, (ref_all.exp() * (ref_all - logp_all)).sum(-1), 0.0)
+            kl = scatter((ref_rows.exp() * (ref_rows - logp_rows)).sum(-1))
     return TokenStats(logps=logps, mask=mask.to(dtype), ref_logps=ref_logps, kl=kl)
 
 

@@ -6,7 +6,7 @@ compute(predictions=[...]) -> {"harmlessness": mean, "scores": [...]}
 import datasets
 import evaluate
 
-from tokenpo.scorers import Harmlessness as HarmlessnessScorer
+from tokenpo.evaluation.scorers import Harmlessness as HarmlessnessScorer
 
 _DESCRIPTION = "1 - P(toxic) of each text (alt-profanity-check's linear SVM), and the mean."
 _KWARGS_DESCRIPTION = """

@@ -8,9 +8,9 @@ A candidate's program is `candidate + "\n" + test`: the test code must call the 
 import datasets
 import evaluate
 
-from tokenpo.sandbox import SandboxLimits
-from tokenpo.sandbox import pass_at_k
-from tokenpo.sandbox import run_python
+from tokenpo.evaluation.sandbox import SandboxLimits
+from tokenpo.evaluation.code import pass_at_k
+from tokenpo.evaluation.sandbox import run_python
 
 _DESCRIPTION = "Unbiased pass@k (Chen et al. 2021) with every program run in a separate, limited, namespaced process."
 _KWARGS_DESCRIPTION = """

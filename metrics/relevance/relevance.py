@@ -6,7 +6,7 @@ compute(predictions=[answers], references=[prompts], model_path=None) -> {"relev
 import datasets
 import evaluate
 
-from tokenpo.scorers import Relevance as RelevanceScorer
+from tokenpo.evaluation.scorers import Relevance as RelevanceScorer
 
 _DESCRIPTION = "Cosine similarity between each answer and its prompt (all-MiniLM-L6-v2, mean pooling)."
 _KWARGS_DESCRIPTION = """

@@ -6,7 +6,7 @@ compute(predictions=[...], references=[...]) -> {"rouge_l": mean F1, "scores": [
 import datasets
 import evaluate
 
-from tokenpo.scorers import rouge_l
+from tokenpo.evaluation.scorers import rouge_l
 
 _DESCRIPTION = "ROUGE-L F1 (longest common subsequence of lowercased alphanumeric tokens), per pair and mean."
 _KWARGS_DESCRIPTION = """

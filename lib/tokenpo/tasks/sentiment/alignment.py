@@ -13,7 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tokenpo.masks import SparsePOMasks, aligned_reference_layers, mapo_masks, random_mask
+from tokenpo.providers.mapo import mapo_masks
+from tokenpo.providers.random import random_mask
+from tokenpo.providers.sparsepo import SparsePOMasks
+from tokenpo.tokens import align_to_labels, label_mask
 
 from .data import token_lexicon_labels
 
@@ -39,8 +42,8 @@ class ReferenceStates:
                 layers = None
                 if hidden:
                     states = reference(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
-                    layers = aligned_reference_layers(states[1:])
-                entry[side] = (ids, attn, batch[f"{side}_completion_mask"][:, 1:], layers)
+                    layers = [align_to_labels(h) for h in states[1:]]
+                entry[side] = (ids, attn, label_mask(batch[f"{side}_completion_mask"]), layers)
             self.batches.append(entry)
 
 
@@ -66,7 +69,7 @@ def token_masks(states: ReferenceStates, kind: str, masks: SparsePOMasks | None 
             else:
                 if layers is None:
                     raise ValueError("these ReferenceStates were built with hidden=False; SparsePO masks need them")
-                reward, kl = masks(layers, labels_mask)
+                reward, kl = masks.weights(layers, labels_mask)
                 values = reward if kind == "reward" else kl
             out[side] += _completion_values(values, labels_mask)
     return out

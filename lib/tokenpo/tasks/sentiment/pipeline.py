@@ -11,7 +11,7 @@ import torch
 
 from tokenpo.cache import cached_step, content_hash
 from tokenpo.models import load_model, load_tokenizer
-from tokenpo.sft import SFTConfig, sft
+from tokenpo.training.sft import SFTConfig, sft
 
 from .data import PairSet, build_pairs
 

@@ -25,7 +25,7 @@ class SentimentClassifier:
 
     def __init__(self, coef: np.ndarray, intercept: np.ndarray, encoder_path: str | Path | None = None,
                  batch_size: int = 64):
-        from tokenpo.scorers import Relevance
+        from tokenpo.evaluation.scorers import Relevance
 
         self.coef, self.intercept = np.asarray(coef, dtype=np.float64), np.asarray(intercept, dtype=np.float64)
         if self.coef.shape[0] != len(SENTIMENT_LABELS):

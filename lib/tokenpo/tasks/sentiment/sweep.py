@@ -16,7 +16,7 @@ import torch
 
 from tokenpo.cache import cached_step, content_hash
 from tokenpo.profiles import SentimentConfig
-from tokenpo.train import TrainConfig, train
+from tokenpo.training import TrainConfig, train
 
 SWEEP_VERSION = 1
 METHODS = {  # label -> (objective, fixed hyper-parameters)
@@ -73,13 +73,15 @@ def train_config(spec: RunSpec, cfg: SentimentConfig, out_dir: str | Path, steps
         hparams["gamma"] = cfg.simpo_gamma
     kwargs = {}
     if objective == "sparsepo":
+        from tokenpo.providers import SparsePOMasks
+
         hparams.update(l1_reward=cfg.l1, l1_kl=cfg.l1)
         if spec.mask_settings == "ours":
-            kwargs = dict(mask_learning_rate=cfg.mask_lr, mask_freeze_steps=cfg.mask_freeze_steps,
-                          mask_warmup_steps=cfg.mask_warmup_steps,
-                          mask_kwargs={} if cfg.mixer_init is None else {"mixer_init": cfg.mixer_init})
-    # use_reference=True also for SimPO: its loss ignores the reference, but the KL it logs feeds the KL figure
-    return TrainConfig(method=objective, hparams=hparams, use_reference=True, learning_rate=cfg.lr,
+            kwargs = dict(provider_learning_rate=cfg.mask_lr, provider_freeze_steps=cfg.mask_freeze_steps,
+                          provider_warmup_steps=cfg.mask_warmup_steps,
+                          providers=[SparsePOMasks(**({} if cfg.mixer_init is None else {"mixer_init": cfg.mixer_init}))])
+    # use_reference and log_kl also for SimPO: its loss ignores the reference, but the KL it logs feeds the KL figure
+    return TrainConfig(method=objective, hparams=hparams, use_reference=True, log_kl=True, learning_rate=cfg.lr,
                        schedule="constant", warmup_steps=cfg.warmup_steps, max_steps=steps,
                        batch_size=cfg.batch_size, seed=spec.seed, cpu=not torch.cuda.is_available(),
                        progress=False, save_final=False, out_dir=out_dir, **kwargs)
@@ -124,15 +126,23 @@ class _CheckpointCallback:
         self.initial_masks: dict | None = None
         self.eval_seconds = 0.0
 
-    def on_train_begin(self, policy, masks) -> None:
+    def on_train_begin(self, policy, providers) -> None:
+        masks = _mask_provider(providers)
         if masks is not None:
             self.initial_masks = {k: v.detach().clone() for k, v in masks.state_dict().items()}
 
-    def on_step_end(self, step, metrics, policy, masks) -> None:
+    def on_step_end(self, step, metrics, policy, providers) -> None:
         if self.evaluator is not None and step in self.steps:
             start = time.perf_counter()
             self.evals.append({"step": step, **self.evaluator(policy)})
             self.eval_seconds += time.perf_counter() - start
+
+
+def _mask_provider(providers):
+    """The SparsePO mask networks among a run's providers, or None."""
+    from tokenpo.providers import SparsePOMasks
+
+    return next((p for p in providers if isinstance(p, SparsePOMasks)), None)
 
 
 # -------------------------------------------------------------------------------------------------- one run
@@ -158,7 +168,7 @@ class RunResult:
 
     def mask_module(self, model_config, cfg: SentimentConfig, final: bool = True):
         """The SparsePO mask networks (trained, or as initialised with `final=False`), in eval mode."""
-        from tokenpo.masks import SparsePOMasks
+        from tokenpo.providers import SparsePOMasks
 
         if not self.spec.is_sparsepo:
             raise ValueError(f"run {self.spec.name} has no mask networks")
@@ -178,7 +188,8 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
 
     steps = steps or cfg.steps
     probe = train_config(spec, cfg, "", steps)
-    settings = {k: v for k, v in asdict(probe).items() if k not in ("out_dir", "progress", "extra_inputs_fn")}
+    settings = {k: getattr(probe, k) for k in probe.__dataclass_fields__ if k not in ("out_dir", "progress", "providers")}
+    settings["providers"] = [p.settings() for p in probe.providers or []]
     inputs = {"kind": "sentiment-run", "version": SWEEP_VERSION, "spec": asdict(spec), "train": settings,
               "eval_steps": sorted(eval_steps), **identity}
 
@@ -194,8 +205,9 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
                   "train_seconds_per_step": (total - callback.eval_seconds) / max(result.steps, 1)}
         (folder / "run.json").write_text(json.dumps({"history": result.history, "evals": callback.evals,
                                                      "timing": timing}, default=float))
-        if result.masks is not None:
-            save_file({k: v.contiguous() for k, v in result.masks.state_dict().items()}, folder / "final.safetensors")
+        masks = _mask_provider(result.providers)
+        if masks is not None:
+            save_file({k: v.contiguous() for k, v in masks.state_dict().items()}, folder / "final.safetensors")
             save_file({k: v.contiguous() for k, v in callback.initial_masks.items()}, folder / "initial.safetensors")
 
     folder = cached_step("sentiment-run", inputs, build)

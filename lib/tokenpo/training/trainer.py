@@ -1,24 +1,21 @@
-"""One preference trainer for every objective in :mod:`tokenpo.losses`, on 🤗 Accelerate.
+"""One preference trainer for every objective in :mod:`tokenpo.objectives`, on 🤗 Accelerate.
 
 The same call runs in a notebook (one process) and unchanged under ``accelerate launch`` / ``torchrun`` (DDP; FSDP
-and DeepSpeed configurations are the user's). Per optimizer step it writes one row of metrics (TRL names, see
-DESIGN.md, plus ``step``, ``epoch``, ``lr``, ``grad_norm``) to ``<out_dir>/metrics.jsonl``, and every
+and DeepSpeed configurations are the user's). Per optimizer step it writes one row of metrics (TRL names plus
+``kl/*`` and ``mask/*``, and ``step``, ``epoch``, ``lr``, ``grad_norm``) to ``<out_dir>/metrics.jsonl``, and every
 ``save_every`` steps an atomic checkpoint from which ``resume=True`` continues bit-for-bit (see
-:mod:`tokenpo.checkpoint`)::
+:mod:`tokenpo.training.checkpoint`)::
 
     result = train(policy, reference, tokenized_pairs, TrainConfig(method="sparsepo", max_steps=200), tokenizer)
-    result.history[-1]["rewards/accuracies"], result.policy, result.masks
+    result.history[-1]["rewards/accuracies"], result.policy, result.providers
 
-Extra inputs of token-level methods: SparsePO masks are computed by the trainer (mask networks on the reference's
-per-layer hidden states) and MaPO masks by :func:`tokenpo.masks.mapo_masks`. Everything else comes as batch columns
-``chosen_<name>``/``rejected_<name>`` (e.g. TIS-DPO ``weights``, SePO ``selections``) or from a hook
-``TrainConfig.extra_inputs_fn(StepInputs) -> dict`` (:class:`tokenpo.train_step.StepInputs`); ready-made hooks:
-:func:`tokenpo.train_hooks.sepo_inputs` (SePO / SePO-rand selections from oracle-score columns) and
-:func:`tokenpo.train_hooks.fpo_inputs` (FPO pooled SAE features, live reference or offline cache).
+An objective's extra inputs come from its providers (:mod:`tokenpo.providers`): the registry's defaults, or
+``TrainConfig(providers=[...])``. The trainer knows no method by name; what each step computes is planned once from
+the objective and the providers (:func:`tokenpo.training.step.make_plan`).
 
-Module map: ``train_config`` (TrainConfig, the per-batch plan, LoRA, masks), ``train_step`` (one batch: forward of
-2B rows, statistics, extra inputs, loss), ``train_hooks``, ``checkpoint`` (data order, metrics log, checkpoints),
-``optim`` (parameter groups, schedules), ``sft`` (reference models).
+Module map: ``config`` (TrainConfig, hyper-parameters, providers, LoRA), ``step`` (one batch: the forwards, the
+statistics, the providers, the loss), ``checkpoint`` (data order, metrics log, checkpoints), ``optim`` (parameter
+groups, schedules), ``sft`` (reference models).
 """
 from __future__ import annotations
 
@@ -36,19 +33,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .cache import cache_root
+from tokenpo.cache import cache_root
+from tokenpo.objectives import get_objective
+from tokenpo.utils import set_seed
+
 from .checkpoint import (METRICS_FILE, EpochSampler, MetricsLog, latest_checkpoint, load_checkpoint, read_metrics,
                          resume_point, save_checkpoint, save_final, write_config)
-from .losses import get_objective
+from .config import (TrainConfig, apply_lora, default_collator, disable_dropout, is_peft, objective_hparams,
+                     run_providers)
 from .optim import delayed_factor, parameter_groups, schedule_factor
-from .train_config import (TrainConfig, apply_lora, build_masks, default_collator, disable_dropout, is_peft,
-                           make_plan, objective_hparams)
-from .train_hooks import fpo_inputs, sepo_inputs
-from .train_step import StepInputs, StepPlan, TrainablePolicy, compute_batch, split_pairs
-from .utils import set_seed
+from .step import StepPlan, TrainablePolicy, compute_batch, make_plan
 
-__all__ = ["TrainConfig", "TrainResult", "TrainCallback", "NonFiniteLossError", "StepInputs", "split_pairs",
-           "train", "evaluate_pairs", "sepo_inputs", "fpo_inputs"]
+__all__ = ["TrainConfig", "TrainResult", "TrainCallback", "NonFiniteLossError", "train", "evaluate_pairs"]
 
 EVAL_METRICS_FILE = "eval_metrics.jsonl"
 
@@ -56,13 +52,13 @@ EVAL_METRICS_FILE = "eval_metrics.jsonl"
 @dataclass
 class TrainResult:
     policy: nn.Module                 # the trained policy (a PEFT model when LoRA was used)
-    masks: nn.Module | None           # the SparsePO mask networks (None for other methods)
+    providers: list                   # the run's providers (e.g. the trained SparsePO mask networks)
     out_dir: Path
     history: list[dict]               # one row per optimizer step, as in metrics.jsonl
     eval_history: list[dict]          # rows of eval_metrics.jsonl
     steps: int
     last_checkpoint: Path | None
-    final_dir: Path | None            # save_pretrained folder of the policy (+ token_mask.safetensors)
+    final_dir: Path | None            # save_pretrained folder of the policy (+ providers/ with trainable state)
 
     @property
     def metrics_path(self) -> Path:
@@ -76,15 +72,15 @@ class TrainResult:
 
 class TrainCallback:
     """Hooks into a run (main process only); subclass and override what you need, or pass any object with some of
-    these methods. ``policy`` is the bare (unwrapped) policy; ``masks`` the SparsePO mask module or None."""
+    these methods. ``policy`` is the bare (unwrapped) policy; ``providers`` the run's providers."""
 
-    def on_train_begin(self, policy: nn.Module, masks: nn.Module | None) -> None: ...
+    def on_train_begin(self, policy: nn.Module, providers: list) -> None: ...
 
-    def on_step_end(self, step: int, metrics: dict, policy: nn.Module, masks: nn.Module | None) -> None: ...
+    def on_step_end(self, step: int, metrics: dict, policy: nn.Module, providers: list) -> None: ...
 
-    def on_checkpoint(self, step: int, path: Path, policy: nn.Module, masks: nn.Module | None) -> None: ...
+    def on_checkpoint(self, step: int, path: Path, policy: nn.Module, providers: list) -> None: ...
 
-    def on_evaluate(self, step: int, metrics: dict, policy: nn.Module, masks: nn.Module | None) -> None: ...
+    def on_evaluate(self, step: int, metrics: dict, policy: nn.Module, providers: list) -> None: ...
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -119,7 +115,7 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
         reference: a frozen reference model; None = the PEFT policy with adapters disabled (LoRA), else a frozen
             copy of the policy as it is before training (when the method needs a reference at all).
         train_dataset: tokenised pairs (:func:`tokenpo.data.preference.tokenize_pairs`), indexable by row.
-        collator: builds the batch dict of CONTEXT.md (default: ``PreferenceCollator(tokenizer.pad_token_id)``).
+        collator: builds the batch (default: ``PreferenceCollator(tokenizer.pad_token_id)``).
         resume: True = continue from the newest complete checkpoint in ``config.out_dir`` (start fresh if there is
             none); a path = from that checkpoint. A fresh run refuses a folder that already holds a run.
         callbacks: objects with some of ``on_train_begin`` / ``on_step_end`` / ``on_checkpoint`` / ``on_evaluate``
@@ -141,7 +137,7 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
     callbacks = list(callbacks or [])
     set_seed(config.seed, deterministic=config.deterministic)
 
-    # ---- models: LoRA, reference, mask networks, all before the optimizer sees them
+    # ---- models: LoRA, reference, providers, all before the optimizer sees them
     policy = apply_lora(policy, config.lora)
     if config.disable_dropout:
         disable_dropout(policy)
@@ -149,14 +145,17 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
         policy.gradient_checkpointing_enable()
         if is_peft(policy):
             policy.enable_input_require_grads()
-    plan = make_plan(objective, hparams, config)
+    providers = run_providers(objective, config)
+    plan = make_plan(objective, hparams, providers, use_reference=config.use_reference, log_kl=config.log_kl,
+                     chunk_size=config.chunk_size)
+    for provider in providers:
+        provider.setup(policy, hparams)
     if plan.use_reference and reference is None and not is_peft(policy):
         reference = copy.deepcopy(policy)
     if reference is not None:
         reference.eval().requires_grad_(False)
         reference.to(accelerator.device)
-    token_mask = build_masks(policy, config, hparams) if objective.name == "sparsepo" else None
-    module = TrainablePolicy(policy, token_mask)
+    module = TrainablePolicy(policy, providers)
     module.train()
 
     # ---- data, optimizer, schedule
@@ -171,13 +170,13 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(
-        parameter_groups(module, config.learning_rate, config.weight_decay, config.mask_learning_rate,
-                         config.mask_weight_decay),
+        parameter_groups(module, config.learning_rate, config.weight_decay, config.provider_learning_rate,
+                         config.provider_weight_decay),
         lr=config.learning_rate, betas=tuple(config.adam_betas), eps=config.adam_eps)
     base = schedule_factor(config.schedule, total_steps, warmup)
-    masked = delayed_factor(base, config.mask_freeze_steps, config.mask_warmup_steps)
+    delayed = delayed_factor(base, config.provider_freeze_steps, config.provider_warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [masked if group["name"] == "masks" else base for group in optimizer.param_groups])
+        optimizer, [delayed if group["name"] == "providers" else base for group in optimizer.param_groups])
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     unwrapped: TrainablePolicy = accelerator.unwrap_model(module)
     eval_loader = None
@@ -205,14 +204,14 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
         return accelerator.autocast()
 
     def evaluate_now():
-        row = {"step": step, **_evaluate(plan, module, unwrapped, reference, eval_loader, accelerator, autocast)}
+        row = {"step": step, **_evaluate(plan, module, reference, eval_loader, accelerator, autocast)}
         eval_history.append(row)
         eval_log.append(row)
         for cb in callbacks if main else ():
-            _call(cb, "on_evaluate", step, row, unwrapped.policy, unwrapped.token_mask)
+            _call(cb, "on_evaluate", step, row, unwrapped.policy, list(unwrapped.providers))
 
     for cb in callbacks if main else ():
-        _call(cb, "on_train_begin", unwrapped.policy, unwrapped.token_mask)
+        _call(cb, "on_train_begin", unwrapped.policy, list(unwrapped.providers))
     if eval_loader is not None and step == 0:
         evaluate_now()
     bar = tqdm(total=total_steps, initial=step, desc=f"{config.method}", disable=not (main and config.progress),
@@ -226,8 +225,7 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
             epoch_loader = accelerator.skip_first_batches(loader, micro) if micro else loader
             for batch in epoch_loader:
                 with accelerator.accumulate(module):
-                    result = compute_batch(plan, module, reference, batch, unwrapped=unwrapped, step=step + 1,
-                                           autocast=autocast)
+                    result = compute_batch(plan, module, reference, batch, step=step + 1, autocast=autocast)
                     _check_finite(accelerator, result.losses, batch["row_index"], step + 1)
                     accelerator.backward(result.losses.mean())
                     for name, value in result.metrics.items():
@@ -251,9 +249,9 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
                 scheduler.step()
                 step += 1
                 row = {"step": step, "epoch": epoch + micro / len(loader),
-                       "lr": next((lr for name, lr in lrs.items() if name != "masks"), lrs.get("masks"))}
-                if "masks" in lrs:
-                    row["lr_mask"] = lrs["masks"]
+                       "lr": next((lr for name, lr in lrs.items() if name != "providers"), lrs.get("providers"))}
+                if "providers" in lrs:
+                    row["lr_providers"] = lrs["providers"]
                 row["grad_norm"] = grad_norm
                 row.update(_reduce_means(accelerator, sums, n_micro))
                 sums, n_micro, step_rows = {}, 0, []
@@ -268,12 +266,12 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
                         {"step": step, "epoch": position[0], "micro_batches": position[1], "total_steps": total_steps},
                         config.keep_last)
                     for cb in callbacks if main else ():
-                        _call(cb, "on_checkpoint", step, last_checkpoint, unwrapped.policy, unwrapped.token_mask)
+                        _call(cb, "on_checkpoint", step, last_checkpoint, unwrapped.policy, list(unwrapped.providers))
                 if eval_loader is not None and ((config.eval_every and step % config.eval_every == 0)
                                                 or step == total_steps):
                     evaluate_now()
                 for cb in callbacks if main else ():
-                    _call(cb, "on_step_end", step, row, unwrapped.policy, unwrapped.token_mask)
+                    _call(cb, "on_step_end", step, row, unwrapped.policy, list(unwrapped.providers))
                 if step >= total_steps:
                     break
             else:
@@ -283,7 +281,7 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
         log.close()
         eval_log.close()
     final_dir = save_final(accelerator, unwrapped, tokenizer, out_dir) if config.save_final else None
-    return TrainResult(policy=unwrapped.policy, masks=unwrapped.token_mask, out_dir=out_dir, history=history,
+    return TrainResult(policy=unwrapped.policy, providers=list(unwrapped.providers), out_dir=out_dir, history=history,
                        eval_history=eval_history, steps=step, last_checkpoint=last_checkpoint, final_dir=final_dir)
 
 
@@ -326,11 +324,11 @@ def _reduce_means(accelerator, sums: dict[str, torch.Tensor], count: int) -> dic
 
 
 @torch.no_grad()
-def _evaluate(plan: StepPlan, module, unwrapped, reference, loader, accelerator, autocast) -> dict[str, float]:
+def _evaluate(plan: StepPlan, module, reference, loader, accelerator, autocast) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     pairs = torch.zeros((), device=accelerator.device)
     for batch in loader:
-        out = compute_batch(plan, module, reference, batch, unwrapped=unwrapped, autocast=autocast)
+        out = compute_batch(plan, module, reference, batch, autocast=autocast)
         n = out.losses.shape[0]
         pairs += n
         for name, value in out.metrics.items():
@@ -341,19 +339,25 @@ def _evaluate(plan: StepPlan, module, unwrapped, reference, loader, accelerator,
 
 
 def evaluate_pairs(policy: nn.Module, reference: nn.Module | None, dataset, config: TrainConfig, tokenizer=None,
-                   collator: Callable | None = None, masks: nn.Module | None = None) -> dict[str, float]:
+                   collator: Callable | None = None, providers: Sequence | None = None) -> dict[str, float]:
     """Metrics of ``config.method`` over ``dataset`` (no gradient, eval mode, one process), e.g. rewards/accuracies of
-    a policy on held-out pairs. ``reference`` None with a PEFT policy = adapters disabled; ``masks`` the SparsePO
-    networks (TrainResult.masks)."""
+    a policy on held-out pairs. ``reference`` None with a PEFT policy = adapters disabled; ``providers``: the trained
+    ones (``TrainResult.providers``), else ``config.providers`` or the objective's defaults (providers with
+    trainable modules, such as SparsePO's, must be the trained ones)."""
     objective = get_objective(config.method)
     hparams = objective_hparams(objective, config.hparams)
-    plan = make_plan(objective, hparams, config)
+    providers = list(providers) if providers is not None else run_providers(objective, config)
+    plan = make_plan(objective, hparams, providers, use_reference=config.use_reference, log_kl=config.log_kl,
+                     chunk_size=config.chunk_size)
     if plan.use_reference and reference is None and not is_peft(policy):
         raise ValueError(f"method {config.method!r} needs a reference model")
-    if objective.name == "sparsepo" and masks is None:
-        raise ValueError("evaluating SparsePO needs the trained mask networks (TrainResult.masks)")
-    module = TrainablePolicy(policy, masks)
+    for provider in providers:
+        if getattr(provider, "built", True) is False:
+            raise ValueError(f"{type(provider).__name__} has no trained modules: pass TrainResult.providers")
+        provider.setup(policy, hparams)
+    module = TrainablePolicy(policy, providers)
     device = next(policy.parameters()).device
+    module.to(device)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
                         collate_fn=collator or default_collator(tokenizer))
     sums: dict[str, float] = {}

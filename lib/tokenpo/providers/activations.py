@@ -1,7 +1,10 @@
 """Per-token activation statistics of a stock 🤗 causal LM, read with forward hooks (no vendored modeling files).
 
-MaPO (SparsePO paper, `src/trainers/mapo_trainer.py`) builds its token masks from the *reference* model's internal
-activations. The official code gets them from patched copies of the HF modeling files that expose OpenAI-TDB-style
+Two uses: MaPO (SparsePO paper, `src/trainers/mapo_trainer.py`) builds its token masks from the *reference* model's
+internal activations (`record_statistics`), and FPO's sparse autoencoders read the residual stream at one site
+(`capture_sites`). Both only register hooks: they run inside the trainer's single reference / policy forward.
+
+MaPO's statistics: The official code gets them from patched copies of the HF modeling files that expose OpenAI-TDB-style
 hook points. Here the same tensors are read from the stock modules with `register_forward_hook` /
 `register_forward_pre_hook`. Every hook reduces its tensor at once to one number per token (the mean over the
 hidden dimension, or the mean sigmoid), so nothing of size [B, L, d] is kept; all handles are removed in a
@@ -39,11 +42,14 @@ Where this differs from the official code:
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+
+from tokenpo.tokens import align_to_labels
 
 HOOK_TYPES = ("resid", "attn", "mlp", "logits")
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -130,23 +136,33 @@ def _flat_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 
-def token_statistics(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     types: tuple[str, ...], reduce: Callable[[torch.Tensor], torch.Tensor],
-                     logits_chunk_elements: int = 1 << 25) -> dict[str, list[torch.Tensor]]:
-    """Run the body of `model` once with hooks; return, per hook type, a list of per-token statistics [B, L].
+def reducer(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[B, L, n] float32 -> [B, L]: "mean" over n, or "sigmoid" (mean of the sigmoid)."""
+    if kind == "mean":
+        return lambda a: a.mean(-1)
+    if kind == "sigmoid":
+        return lambda a: torch.sigmoid(a).mean(-1)
+    raise ValueError(f"activation reduce={kind!r}: choose 'mean' or 'sigmoid'")
 
-    `reduce` maps a [B, L, n] float32 tensor to [B, L] (e.g. mean over n). Runs under `torch.no_grad()`;
-    the caller sets eval mode. Hooks are always removed.
+
+@contextmanager
+def record_statistics(model: nn.Module, types: tuple[str, ...], reduce: str = "mean"):
+    """Record per-token statistics of the hook points of `types` during the forward passes run inside the block.
+
+    Yields a dict type -> list of [B, L-1] tensors, one per hooked tensor, aligned with the labels (position t is the
+    statistic of the state that predicts token t + 1). The "logits" type has no hook: add it after the forward with
+    :func:`head_statistic`. Hooks are always removed; nothing of size [B, L, d] is kept.
     """
     unknown = set(types) - set(HOOK_TYPES)
     if unknown:
         raise ValueError(f"unknown hook type(s) {sorted(unknown)}; choose from {HOOK_TYPES}")
     layout = model_layout(model)
+    reduce_fn = reducer(reduce)
     stats: dict[str, list[torch.Tensor]] = {t: [] for t in types}
     handles = []
 
     def record(kind: str, tensor: torch.Tensor) -> None:
-        stats[kind].append(reduce(_flat_tokens(tensor.detach().float())))
+        stats[kind].append(reduce_fn(_flat_tokens(align_to_labels(tensor.detach()).float())))
 
     def out_hook(kind, pick=_first):
         return lambda module, args, output: record(kind, pick(output))
@@ -179,15 +195,76 @@ def token_statistics(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
                 _hook_attention(layout, b, record, on)
         if "resid" in types:
             on(layout.final_norm, out_hook("resid"))                            # post_ln_f
-        with torch.no_grad():
-            out = layout.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            if "logits" in types:
-                last = out.last_hidden_state if hasattr(out, "last_hidden_state") else _first(out)
-                stats["logits"].append(_chunked_head_statistic(layout.head, last, reduce, logits_chunk_elements))
+        yield stats
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+
+
+def head_statistic(model: nn.Module, hidden: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+                   reduce: str = "mean", max_elements: int = 1 << 25) -> torch.Tensor:
+    """The "logits" statistic [B, T]: `reduce` over the vocabulary of the aligned logits [B, T, V], or of the LM head
+    applied to aligned final hidden states [B, T, H] in position chunks (never more than ~max_elements logits)."""
+    reduce_fn = reducer(reduce)
+    with torch.no_grad():
+        if logits is not None:
+            return reduce_fn(logits.detach().float())
+        head = model_layout(model).head
+        batch, length = hidden.shape[:2]
+        chunk = max(1, max_elements // max(1, batch * head.weight.shape[0]))
+        return torch.cat([reduce_fn(head(hidden[:, i:i + chunk]).float()) for i in range(0, length, chunk)], dim=1)
+
+
+def token_statistics(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     types: tuple[str, ...], reduce: str = "mean") -> dict[str, list[torch.Tensor]]:
+    """Run the body of `model` once (no gradient) and return the statistics of `record_statistics` for `types`,
+    "logits" included, each [B, L-1]. The caller sets eval mode."""
+    layout = model_layout(model)
+    with torch.no_grad(), record_statistics(model, tuple(t for t in types if t != "logits"), reduce) as stats:
+        out = layout.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if "logits" in types:
+        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else _first(out)
+        stats["logits"] = [head_statistic(model, hidden=align_to_labels(last), reduce=reduce)]
+    return {t: stats[t] for t in types}
+
+
+# ------------------------------------------------------------------------------------------------- residual sites
+SITES = ("block_out", "mlp_out", "final_norm")
+
+
+def _site_module(model: nn.Module, layer: int, site: str) -> nn.Module:
+    layout = model_layout(model)
+    if site == "final_norm":
+        return layout.final_norm
+    if site not in SITES:
+        raise ValueError(f"site={site!r}: choose from {SITES}")
+    n = len(layout.blocks)
+    if not -n <= layer < n:
+        raise ValueError(f"layer={layer} out of range for a {n}-layer model")
+    block = layout.blocks[layer]
+    return block.block if site == "block_out" else block.mlp
+
+
+@contextmanager
+def capture_sites(model: nn.Module, sites):
+    """Record the residual stream at each (layer, site) during the forward passes inside the block (gradients flow
+    when the forward has them). Yields a dict (layer, site) -> [B, L, d].
+
+    "block_out": output of decoder block `layer` (before the final norm; what Gemma Scope residual SAEs read, HF
+    ``hidden_states[layer + 1]`` except for the last block); "mlp_out": the output of block `layer`'s MLP (what an MLP
+    SAE reads); "final_norm": output of the final norm (HF ``hidden_states[-1]``, what the official FPO code feeds
+    its SAE; `layer` ignored)."""
+    store: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    try:
+        for layer, site in sites:
+            key = (layer, site)
+            handles.append(_site_module(model, layer, site).register_forward_hook(
+                lambda module, args, output, key=key: store.__setitem__(key, _first(output))))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _hook_attention(layout: ModelLayout, b: _Block, record, on) -> None:
@@ -228,12 +305,3 @@ def _hook_attention(layout: ModelLayout, b: _Block, record, on) -> None:
         for name, module in b.qkv.items():
             on(module, lambda m, a, o, name=name: record_qk(name, o.detach()))
     on(b.attn_out_proj, lambda m, args: record("attn", args[0]), pre=True)   # v_out
-
-
-def _chunked_head_statistic(head: nn.Module, hidden: torch.Tensor, reduce, max_elements: int) -> torch.Tensor:
-    """reduce(head(hidden)) over positions in chunks so that at most ~max_elements logits exist at once."""
-    batch, length = hidden.shape[:2]
-    vocab = head.weight.shape[0]
-    chunk = max(1, max_elements // max(1, batch * vocab))
-    pieces = [reduce(head(hidden[:, i:i + chunk]).float()) for i in range(0, length, chunk)]
-    return torch.cat(pieces, dim=1)

@@ -1,14 +1,17 @@
-"""FPO's offline reference cache (papers.md §3.1): per dataset row, the reference log-probs per side and the top-k
-pooled reference SAE features, computed once so that FPO training needs no reference model in memory.
+"""FPO's feature-level inputs (docs/equations.md#fpo): pooled sparse-autoencoder features of the policy and the
+reference, and the offline reference cache that lets FPO train with no reference model in memory.
 
-Re-exported as `tokenpo.sae.FPOReferenceCache`.
+:class:`FPOFeatures` is the provider. It reads the residual stream at (layer, site) during the step's policy forward
+(with gradients) and, without a cache, during the reference forward; with an :class:`FPOReferenceCache` the reference
+side (pooled features and length-normalised log-probs) comes from disk and no reference forward runs at all.
 
-What is stored, per row and side (chosen / rejected): Σ_t log π_ref(y_t) over the completion, |y|, and the k largest
-pooled reference features c̄_ref (indices + values). One safetensors file, written atomically (temporary sibling,
-then rename), with the settings (k, F, pooling, layer, site, SAE fingerprint) in its metadata.
+What the cache stores, per row and side (chosen / rejected): Σ_t log π_ref(y_t) over the completion, |y|, and the k
+largest pooled reference features c̄_ref (indices + values). One safetensors file, written atomically, with the
+settings (k, F, pooling, layer, site, SAE fingerprint) in its metadata; the provider refuses a cache whose settings
+differ from its own.
 
-Which feature indices the FPO MSE uses (the loss decides; the cache gives it dense [B, F] reference features that
-are exact on the stored indices and 0 elsewhere):
+Which feature indices the FPO MSE uses (the loss decides; the cache gives it dense [B, F] reference features that are
+exact on the stored indices and 0 elsewhere):
 - paper: I_k = topk(c̄_θ) ∪ topk(c̄_ref);   official code (`fpo.py`): topk(c̄_θ) only, with a live reference.
 - from this cache the reference part is exact, but a policy top-k index outside the stored reference top-k reads
   c̄_ref = 0 (its true value is between 0 and the smallest stored value: JumpReLU features are ≥ 0). So "union" and
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -27,13 +30,42 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from tokenpo.cache import atomic_write_bytes
+from tokenpo.tokens import align_to_labels, completion_logps, label_mask
+
+from .activations import capture_sites, unwrap_model
+from .base import Needs, Provider, StepContext, split_pairs
+from .sae import SparseAutoencoder
 
 SIDES = ("chosen", "rejected")
 FILE_NAME = "fpo_reference.safetensors"
+POOLINGS = ("official", "paper")
+
+__all__ = ["FPOFeatures", "FPOReferenceCache", "pooled_features"]
+
+
+def pooled_features(sae: SparseAutoencoder, hidden: torch.Tensor, mask: torch.Tensor,
+                    mode: str = "official") -> torch.Tensor:
+    """Average-pooled SAE features c̄ [B, F] of hidden [B, T, d] (already aligned with the labels mask [B, T]).
+
+    mode "official" (FeatureAlignment `fpo.py`): (f · mask).mean(dim=1), i.e. divided by T *including* the masked
+    prompt/padding positions; "paper": mean over completion tokens only (÷|y|). They differ by the factor T/|y|.
+    Gradients flow into `hidden`; freeze the SAE (`requires_grad_(False)`) when it should stay fixed. Positions off
+    the completion never reach the result (even non-finite values there).
+    """
+    if hidden.shape[:2] != mask.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)} disagree on [B, T]")
+    if mode not in POOLINGS:
+        raise ValueError(f"pooling mode={mode!r}: choose from {POOLINGS}")
+    on = (mask > 0).unsqueeze(-1)
+    features = sae.encode(torch.where(on, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)))
+    summed = torch.where(on, features, 0.0).sum(1)
+    if mode == "official":
+        return summed / hidden.shape[1]
+    return summed / mask.sum(-1, keepdim=True).clamp(min=1).to(summed.dtype)
 
 
 class FPOReferenceCache:
-    """In-memory rows + save/load; `get(row_index)` gives a batch's reference tensors."""
+    """FPO's offline reference side: in-memory rows + save/load; `get(row_index)` gives a batch's tensors."""
 
     def __init__(self, k: int, n_features: int, meta: Mapping | None = None):
         if not 0 < k <= n_features:
@@ -124,16 +156,12 @@ class FPOReferenceCache:
 
     # --------------------------------------------------------------------------------------- build
     @classmethod
-    def build(cls, reference, sae, batches: Iterable[Mapping[str, torch.Tensor]], k: int, layer: int = -1,
-              site: str = "block_out", pooling: str = "official", path: str | Path | None = None,
+    def build(cls, reference, sae: SparseAutoencoder, batches: Iterable[Mapping[str, torch.Tensor]], k: int,
+              layer: int = -1, site: str = "block_out", pooling: str = "official", path: str | Path | None = None,
               progress: bool = True, reference_name: str | None = None) -> "FPOReferenceCache":
         """One reference forward per collator batch (chosen and rejected concatenated): label log-probs and the
-        pooled SAE features of the residual stream at (layer, site), aligned with the labels ([:, :-1]).
+        pooled SAE features of the residual stream at (layer, site), aligned with the labels.
         Saved to `path` at the end (nothing is written if any batch fails)."""
-        from tokenpo.activation_hooks import unwrap_model
-        from tokenpo.masks import completion_label_logps
-        from tokenpo.sae import capture_residual, pooled_features
-
         cache = cls(k, sae.config.width, {"pooling": pooling, "layer": layer, "site": site,
                                          "sae": sae.fingerprint(), "reference": reference_name})
         model = unwrap_model(reference)
@@ -147,19 +175,79 @@ class FPOReferenceCache:
                     raise ValueError("FPO cache batches need `row_index` (the dataset row of each pair)")
                 ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).to(device)
                 attn = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]).to(device)
-                labels_mask = torch.cat([batch["chosen_completion_mask"],
-                                         batch["rejected_completion_mask"]])[:, 1:].to(device)
-                with capture_residual(model, layer, site) as cap:
-                    logps = completion_label_logps(model, ids, attn, labels_mask)
+                completion = torch.cat([batch["chosen_completion_mask"],
+                                        batch["rejected_completion_mask"]]).to(device)
+                with capture_sites(model, [(layer, site)]) as captured:
+                    logps = completion_logps(model, ids, attn, completion)
+                labels_mask = label_mask(completion)
                 with torch.no_grad():
-                    feats = pooled_features(sae, cap["hidden"][:, :-1], labels_mask, mode=pooling)
-                half = len(ids) // 2
-                sums, lengths = logps.sum(-1), labels_mask.sum(-1)
-                cache.add(batch["row_index"], logps_chosen=sums[:half], logps_rejected=sums[half:],
-                          lengths_chosen=lengths[:half], lengths_rejected=lengths[half:],
-                          features_chosen=feats[:half], features_rejected=feats[half:])
+                    feats = pooled_features(sae, align_to_labels(captured[(layer, site)]), labels_mask, mode=pooling)
+                (sum_w, sum_l), (len_w, len_l) = split_pairs(logps.sum(-1)), split_pairs(labels_mask.sum(-1))
+                f_w, f_l = split_pairs(feats)
+                cache.add(batch["row_index"], logps_chosen=sum_w, logps_rejected=sum_l, lengths_chosen=len_w,
+                          lengths_rejected=len_l, features_chosen=f_w, features_rejected=f_l)
         finally:
             model.train(was_training)
         if path is not None:
             cache.save(path)
         return cache
+
+    def check_settings(self, sae: SparseAutoencoder, layer: int, site: str, pooling: str) -> None:
+        """ValueError naming every setting in which this cache differs from (sae, layer, site, pooling)."""
+        wanted = {"sae": sae.fingerprint(), "layer": layer, "site": site, "pooling": pooling}
+        differ = {k: (self.meta.get(k), v) for k, v in wanted.items() if self.meta.get(k) != v}
+        if differ:
+            raise ValueError("the FPO reference cache was built with other settings: "
+                             + ", ".join(f"{k} {a!r} (cache) vs {b!r}" for k, (a, b) in differ.items())
+                             + "; rebuild it with FPOReferenceCache.build")
+        if sae.config.width != self.n_features:
+            raise ValueError(f"the FPO reference cache holds {self.n_features} features, the SAE has "
+                             f"{sae.config.width}")
+
+
+class FPOFeatures(Provider):
+    """The FPO provider: ``features`` (policy, with gradients) and ``ref_features`` — pooled SAE features [B, F] per
+    side of the residual stream at (layer, site) — and, with an offline ``cache``, ``ref_mean_logps`` (so the
+    objective needs no reference statistics and no reference forward runs).
+
+    The SAE is frozen. ``pooling="official"`` divides by the padded length T of the batch the features were computed
+    in, so cached features match the trainer's only with the same batching; ``"paper"`` (mean over completion
+    tokens) does not depend on it.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, layer: int = -1, site: str = "block_out", pooling: str = "official",
+                 cache: FPOReferenceCache | None = None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}: choose from {POOLINGS}")
+        self.sae = sae.requires_grad_(False).eval()
+        self.layer, self.site, self.pooling, self.cache = layer, site, pooling, cache
+        if cache is not None:
+            cache.check_settings(sae, layer, site, pooling)
+        self.provides = ("features", "ref_features") + (() if cache is None else ("ref_mean_logps",))
+
+    def needs(self) -> Needs:
+        site = ((self.layer, self.site),)
+        if self.cache is not None:
+            return Needs(policy_sites=site)
+        return Needs(reference=True, policy_sites=site, reference_sites=site)
+
+    def _pooled(self, hidden: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(pooled_features(self.sae, h, s.mask, mode=self.pooling)
+                     for h, s in zip(split_pairs(hidden), (ctx.chosen, ctx.rejected)))
+
+    def forward(self, ctx: StepContext) -> dict[str, Any]:
+        key = (self.layer, self.site)
+        out = {"features": self._pooled(ctx.policy_sites[key], ctx)}
+        if self.cache is None:
+            with torch.no_grad():
+                out["ref_features"] = self._pooled(ctx.reference_sites[key], ctx)
+            return out
+        ref = self.cache.get(ctx.batch["row_index"], device=ctx.chosen.mask.device)
+        out["ref_features"] = (ref["ref_features_chosen"], ref["ref_features_rejected"])
+        out["ref_mean_logps"] = (ref["ref_logps_mean_chosen"], ref["ref_logps_mean_rejected"])
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return {"layer": self.layer, "site": self.site, "pooling": self.pooling, "sae": self.sae.fingerprint(),
+                "cache": None if self.cache is None else len(self.cache)}

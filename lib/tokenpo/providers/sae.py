@@ -1,4 +1,4 @@
-"""Sparse autoencoders on a model's residual stream, and FPO's pooled features and offline reference cache.
+"""Sparse autoencoders on a model's residual stream: the JumpReLU / TopK model, its training, and activation collection.
 
 SAE (Gemma Scope layout, so `google/gemma-scope-*` `params.npz` files load unchanged):
     pre = (s·x) @ W_enc + b_enc          x [..., d], W_enc [d, F], s = input scale (E‖s·x‖² = d on the training set)
@@ -9,8 +9,8 @@ threshold θ (a parameter, kept ≥ 0) learns through straight-through pseudo-de
     ∂JumpReLU/∂θ := −(θ/ε)·K((pre−θ)/ε),   ∂H(pre−θ)/∂θ := −(1/ε)·K((pre−θ)/ε),   K(u) = 1[|u| < ½]
 (pre gets the ordinary gradient through JumpReLU and none through the L0 step).
 
-FPO (papers.md §3): features are pooled over the completion (`pooled_features`), and the reference side is
-precomputed once per dataset row (`FPOReferenceCache`) so that no reference model is needed during training.
+FPO (docs/equations.md#fpo) pools these features over the completion; its provider, pooling and offline reference
+cache live in :mod:`tokenpo.providers.fpo`.
 """
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
-from tokenpo.activation_hooks import model_layout, unwrap_model
 from tokenpo.cache import atomic_write_bytes, atomic_write_text
 
-SITES = ("block_out", "final_norm")
+from .activations import SITES, capture_sites, unwrap_model
 
 
 @dataclass
@@ -41,7 +40,7 @@ class SAEConfig:
     k: int | None = None                # TopK: active features per token
     bandwidth: float = 0.001            # JumpReLU: ε of the pseudo-derivative kernel
     input_scale: float = 1.0            # s: multiplies inputs before encoding (divides reconstructions)
-    layer: int | None = None            # where the activations came from (see `capture_residual`)
+    layer: int | None = None            # where the activations came from (see `capture_sites`)
     site: str = "block_out"
     source_model: str | None = None     # free text, provenance only
 
@@ -173,44 +172,13 @@ class SparseAutoencoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- activations
-def _site_module(model: nn.Module, layer: int, site: str) -> nn.Module:
-    layout = model_layout(model)
-    if site == "final_norm":
-        return layout.final_norm
-    if site != "block_out":
-        raise ValueError(f"site={site!r}: choose from {SITES}")
-    n = len(layout.blocks)
-    if not -n <= layer < n:
-        raise ValueError(f"layer={layer} out of range for a {n}-layer model")
-    return layout.blocks[layer].block
-
-
-@contextmanager
-def capture_residual(model: nn.Module, layer: int = -1, site: str = "block_out"):
-    """Record the residual stream of one layer during any forward of `model` (grad flows if the forward has it).
-
-    site "block_out": output of decoder block `layer` (pre final norm; what Gemma Scope residual SAEs are trained
-    on, and HF `hidden_states[layer + 1]` except for the last block); site "final_norm": output of the final norm
-    (= HF `hidden_states[-1]`, what the official FPO code feeds its SAE; `layer` ignored).
-        with capture_residual(policy, 6) as cap:
-            out = policy(input_ids, attention_mask=...)
-        hidden = cap["hidden"]            # [B, L, d]
-    """
-    store: dict[str, torch.Tensor] = {}
-    handle = _site_module(model, layer, site).register_forward_hook(
-        lambda module, args, output: store.__setitem__("hidden", output[0] if isinstance(output, tuple) else output))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
 def residual_stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1,
                     site: str = "block_out") -> torch.Tensor:
-    """[B, L, d] residual stream at (layer, site), running the transformer body only (no LM head)."""
-    with capture_residual(model, layer, site) as cap:
+    """[B, L, d] residual stream at (layer, site) (see :func:`tokenpo.providers.activations.capture_sites`), running
+    the transformer body only (no LM head)."""
+    with capture_sites(model, [(layer, site)]) as captured:
         unwrap_model(model).base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return cap["hidden"]
+    return captured[(layer, site)]
 
 
 def collect_activations(model: nn.Module, data: Iterable, layer: int, tokenizer=None, site: str = "block_out",
@@ -362,27 +330,4 @@ def train_sae(activations: torch.Tensor, width: int, kind: str = "jumprelu", k: 
         return sae.eval()
 
 
-# ------------------------------------------------------------------------------------------------- FPO
-def pooled_features(sae: SparseAutoencoder, hidden: torch.Tensor, mask: torch.Tensor,
-                    mode: str = "official") -> torch.Tensor:
-    """Average-pooled SAE features c̄ [B, F] of hidden [B, T, d] (already aligned with the labels mask [B, T]).
-
-    mode "official" (FeatureAlignment `fpo.py`): (f · mask).mean(dim=1), i.e. divided by T *including* the masked
-    prompt/padding positions; "paper": mean over completion tokens only (÷|y|). They differ by the factor T/|y|.
-    Gradients flow into `hidden`; freeze the SAE (`requires_grad_(False)`) when it should stay fixed.
-    """
-    if hidden.shape[:2] != mask.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)} disagree on [B, T]")
-    weights = mask.to(hidden.dtype).unsqueeze(-1)
-    summed = (sae.encode(hidden) * weights.to(sae.W_enc.dtype)).sum(1)
-    if mode == "official":
-        return summed / hidden.shape[1]
-    if mode == "paper":
-        return summed / mask.sum(-1, keepdim=True).clamp(min=1).to(summed.dtype)
-    raise ValueError(f"pooling mode={mode!r}: choose 'official' or 'paper'")
-
-
-from tokenpo.fpo_cache import FPOReferenceCache  # noqa: E402  (the contract names it in tokenpo.sae)
-
-__all__ = ["SAEConfig", "SparseAutoencoder", "SAETrainCurve", "train_sae", "collect_activations",
-           "capture_residual", "residual_stream", "pooled_features", "FPOReferenceCache"]
+__all__ = ["SAEConfig", "SparseAutoencoder", "SAETrainCurve", "train_sae", "collect_activations", "residual_stream"]

@@ -242,7 +242,7 @@ class CodeCorrectness:
         self.last_results: list = []
 
     def __call__(self, texts, prompts=None) -> np.ndarray:
-        from .sandbox import check_completions
+        from .code import check_completions
 
         texts = _texts(texts)
         prompts = _prompts_for(texts, prompts, "CodeCorrectness")

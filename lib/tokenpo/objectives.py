@@ -1,16 +1,22 @@
 """Preference objectives as pure functions of per-token statistics (:class:`tokenpo.tokens.TokenStats`).
 
 Every objective has the signature ``fn(chosen, rejected, *, <hyper-parameters>, <extra inputs>) -> LossOutput``:
-no model, no trainer. ``chosen``/``rejected`` hold [B, T] tensors (T = L − 1, zero off the completion); extra inputs
-are ``(chosen, rejected)`` pairs (token masks, selections, weights, pooled SAE features). The per-pair loss
-``LossOutput.losses`` [B] includes per-pair regularisers; the trainer averages it.
+no model, no trainer, no data. ``chosen``/``rejected`` hold [B, T] tensors (T = L − 1, zero off the completion);
+extra inputs are ``(chosen, rejected)`` pairs (token masks, selections, weights, pooled SAE features) made by the
+providers of :mod:`tokenpo.providers`. The per-pair loss ``LossOutput.losses`` [B] includes per-pair regularisers;
+the trainer averages it.
 
-Notation (papers.md §0): lr_t = log π_θ(y_t|·) − log π_ref(y_t|·), s(y) = Σ_t lr_t, KL_t = D_KL(π_ref ‖ π_θ) at t
-(+KL sign), D_Seq(y) = Σ_t KL_t, |y| = number of completion tokens, sg = stop-gradient, σ = sigmoid.
-Where the official code and the paper differ, the default follows the code and the paper's variant is an option.
+Notation (docs/equations.md#notation): lr_t = log π_θ(y_t|·) − log π_ref(y_t|·), s(y) = Σ_t lr_t,
+KL_t = D_KL(π_ref ‖ π_θ) at t (+KL sign), D_Seq(y) = Σ_t KL_t, |y| = number of completion tokens, sg = stop-gradient,
+σ = sigmoid. Where the official code and the paper differ, the default follows the code and the paper's variant is an
+option (docs/equations.md lists every difference).
+
+A new method is a function here plus an entry in :data:`OBJECTIVES` (and, when it takes extra inputs, the names of
+the providers that make them): see docs/adding-a-method.md.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenpo.loss_checks import (Pair, base_metrics, check_nonnegative, check_positive, check_stats,
-                                 mask_metrics, token_pair)
 from tokenpo.tokens import TokenStats
 
-__all__ = ["LossOutput", "Objective", "OBJECTIVES", "get_objective",
-           "dpo", "ipo", "simpo", "dpop", "tdpo1", "tdpo2", "mapo", "sparsepo", "sepo", "fpo", "tis_dpo"]
+__all__ = ["LossOutput", "Objective", "OBJECTIVES", "get_objective", "mask_statistics",
+           "dpo", "ipo", "simpo", "dpop", "tdpo1", "tdpo2", "mapo", "sparsepo", "sepo", "fpo", "tis_dpo", "confpo"]
+
+Pair = tuple[Tensor, Tensor]
 
 
 @dataclass
@@ -38,6 +44,112 @@ class LossOutput:
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum(-1) / mask.sum(-1)
+
+
+# ------------------------------------------------------------------------------------------- input checks
+def check_stats(chosen: TokenStats, rejected: TokenStats, *, reference: bool = False, kl: bool = False) -> None:
+    for side, stats in (("chosen", chosen), ("rejected", rejected)):
+        shape = tuple(stats.mask.shape)
+        if len(shape) != 2:
+            raise ValueError(f"{side}.mask must be [B, T], got {shape}")
+        needed = {"logps": stats.logps, "ref_logps": stats.ref_logps if reference else 0,
+                  "kl": stats.kl if kl else 0}
+        for name, value in needed.items():
+            if value is None:
+                raise ValueError(f"{side}.{name} is None but this objective needs it"
+                                 + (" (compute the token statistics with a reference model)" if reference else ""))
+            if isinstance(value, Tensor) and tuple(value.shape) != shape:
+                raise ValueError(f"{side}.{name} has shape {tuple(value.shape)}, expected {shape} like {side}.mask")
+        empty = (stats.mask.sum(-1) <= 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"{side} row(s) {empty} have an empty completion (mask sums to 0); drop them upstream")
+    if chosen.mask.shape != rejected.mask.shape:
+        raise ValueError(f"chosen and rejected statistics differ in shape: {tuple(chosen.mask.shape)} vs "
+                         f"{tuple(rejected.mask.shape)} (pad both sides to the same length)")
+
+
+def check_positive(**hparams: float) -> None:
+    for name, value in hparams.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_nonnegative(**hparams: float) -> None:
+    for name, value in hparams.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_ratio(**ratios: float) -> None:
+    for name, value in ratios.items():
+        if not (isinstance(value, (int, float)) and 0 < value <= 1):
+            raise ValueError(f"{name} must be a share of the tokens in (0, 1], got {value!r}")
+
+
+def token_pair(name: str, pair: Pair | None, chosen: TokenStats, rejected: TokenStats,
+                binary: bool = False) -> Pair:
+    """Validate a (chosen, rejected) pair of [B, T] token weights and zero it off the completion."""
+    if pair is None:
+        raise ValueError(f"missing required extra input {name}=(chosen, rejected)")
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"{name} must be a (chosen, rejected) pair of [B, T] tensors")
+    out = []
+    for side, values, stats in (("chosen", pair[0], chosen), ("rejected", pair[1], rejected)):
+        if tuple(values.shape) != tuple(stats.mask.shape):
+            raise ValueError(f"{name}[{side}] has shape {tuple(values.shape)}, expected {tuple(stats.mask.shape)} "
+                             f"like the {side} token statistics")
+        on_completion = values.detach()[stats.mask > 0]
+        if not torch.isfinite(on_completion).all():
+            raise ValueError(f"{name}[{side}] has non-finite values on completion tokens")
+        if (on_completion < 0).any():
+            row = int((values.detach() * stats.mask < 0).any(-1).nonzero()[0])
+            raise ValueError(f"{name}[{side}] has negative values (first in row {row}); token weights must be >= 0")
+        if binary and not ((on_completion == 0) | (on_completion == 1)).all():
+            raise ValueError(f"{name}[{side}] must be 0/1 on completion tokens")
+        # where, not a product: a NaN/inf weight at a padding position must not reach the loss or its gradient
+        out.append(torch.where(stats.mask > 0, values, torch.zeros((), dtype=values.dtype, device=values.device)))
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def base_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, chosen: TokenStats,
+             rejected: TokenStats) -> dict[str, Tensor]:
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    metrics = {
+        "loss": losses.detach().mean(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": chosen.seq_logps.detach().mean(),
+        "logps/rejected": rejected.seq_logps.detach().mean(),
+    }
+    if chosen.kl is not None and rejected.kl is not None:
+        metrics["kl/chosen"] = chosen.seq_kl.detach().mean()
+        metrics["kl/rejected"] = rejected.seq_kl.detach().mean()
+    return metrics
+
+
+def mask_statistics(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: the share of completion tokens whose weight is exactly 0 (sparsity) and the mean weight over them,
+    each [B]. ``values``, ``mask`` [B, T]; rows without completion tokens give 0."""
+    on = mask > 0
+    values = values.detach().float()
+    count = on.sum(-1).clamp(min=1)
+    return ((values == 0) & on).sum(-1) / count, torch.where(on, values, 0.0).sum(-1) / count
+
+
+def mask_metrics(metrics: dict[str, Tensor], kind: str, masks: Pair, chosen: TokenStats,
+                 rejected: TokenStats) -> None:
+    """mask/{sparsity,mean}_{kind}_{side}: the batch mean of :func:`mask_statistics` per row.
+
+    Averaging per row first makes the logged value of a global batch the same however it is split over processes
+    or accumulation steps (each micro-batch mean is a mean of row values).
+    """
+    for side, values, stats in (("chosen", masks[0], chosen), ("rejected", masks[1], rejected)):
+        zeros, means = mask_statistics(values, stats.mask)
+        metrics[f"mask/sparsity_{kind}_{side}"] = zeros.float().mean()
+        metrics[f"mask/mean_{kind}_{side}"] = means.mean()
 
 
 # --------------------------------------------------------------------------------------------------- objectives
@@ -138,7 +250,7 @@ def tdpo2(chosen: TokenStats, rejected: TokenStats, *, beta: float = 0.1, alpha:
 
 def _masked_token_level(chosen: TokenStats, rejected: TokenStats, beta: float, reward_masks: Pair,
                         kl_masks: Pair) -> tuple[Tensor, Tensor, Tensor]:
-    """Shared core of MaPO / SparsePO: returns (−log σ(β(u − d)), reward_w, reward_l) per pair (papers.md §1.2)."""
+    """Shared core of MaPO / SparsePO: (−log σ(β(u − d)), reward_w, reward_l) per pair (docs/equations.md#sparsepo)."""
     u_w = (reward_masks[0] * chosen.logratios).sum(-1)
     u_l = (reward_masks[1] * rejected.logratios).sum(-1)
     kl_w = (kl_masks[0] * chosen.kl * chosen.mask).sum(-1)           # D^m(x, y) = Σ_t m_d(y, t)·KL_t(y)
@@ -149,7 +261,7 @@ def _masked_token_level(chosen: TokenStats, rejected: TokenStats, beta: float, r
 
 
 def mapo(chosen: TokenStats, rejected: TokenStats, *, masks: Pair | None = None, beta: float = 0.1) -> LossOutput:
-    """MaPO, SparsePO's activation-mask variant (official code ``mapo_loss``; papers.md §1.4).
+    """MaPO, SparsePO's activation-mask variant (official code ``mapo_loss``; docs/equations.md#mapo).
 
     Inputs: logps, ref_logps, kl, mask [B, T]; masks = (m_w, m_l) [B, T] ≥ 0 from the reference's activations.
     The same fixed mask m weights reward and KL; it is detached (no gradient), and there is no L1 term:
@@ -224,6 +336,7 @@ def sepo(chosen: TokenStats, rejected: TokenStats, *, selections: Pair | None = 
     Paper: Z = |y|·k (``normalization="length"`` with ``ratios=(k_w, k_l)``), γ = 2.1, λ = 0.5 (TinyLLaMA).
     """
     check_positive(gamma=gamma)
+    check_nonnegative(margin=margin)
     check_stats(chosen, rejected)
     sel_w, sel_l = token_pair("selections", selections, chosen, rejected, binary=True)
     if normalization == "selected":
@@ -233,7 +346,7 @@ def sepo(chosen: TokenStats, rejected: TokenStats, *, selections: Pair | None = 
                 raise ValueError(f"selections[{side}] select no token in row(s) {empty}")
         z_w, z_l = sel_w.sum(-1), sel_l.sum(-1)
     elif normalization == "length":
-        check_positive(ratio_chosen=ratios[0], ratio_rejected=ratios[1])
+        check_ratio(ratio_chosen=ratios[0], ratio_rejected=ratios[1])
         z_w, z_l = chosen.lengths * ratios[0], rejected.lengths * ratios[1]
     else:
         raise ValueError(f"normalization must be 'selected' (official code) or 'length' (paper), got {normalization!r}")
@@ -307,7 +420,8 @@ def tis_dpo(chosen: TokenStats, rejected: TokenStats, *, weights: Pair | None = 
 
     Inputs: logps, ref_logps, kl, mask [B, T]; weights = (w_w, w_l) [B, T] (from contrastive LLMs; detached).
     L = −log σ(β·[Σ_t w_w lr_t(y_w) − Σ_t w_l lr_t(y_l) − (Σ_t w_l KL_t(y_l) − Σ_t w_w KL_t(y_w))])   [B]
-    The KL sign follows TDPO (w ≡ 1 gives TDPO-1); papers.md §4 transcribes η with the opposite sign.
+    The KL sign follows TDPO (w ≡ 1 gives TDPO-1); the paper's Eq. 17 prints η with the opposite sign
+    (docs/equations.md#tis-dpo).
     rewards = β·Σ_t w lr_t.
     """
     check_positive(beta=beta)
@@ -322,9 +436,44 @@ def tis_dpo(chosen: TokenStats, rejected: TokenStats, *, weights: Pair | None = 
     return LossOutput(losses, metrics)
 
 
+def confpo(chosen: TokenStats, rejected: TokenStats, *, selections: Pair | None = None, beta: float = 2.0,
+           gamma: float = 0.5) -> LossOutput:
+    """ConfPO on SimPO (Yoon et al. 2025, arXiv 2506.08712; official ``cpo_trainer.py::cpo_loss_confpo``),
+    reference-free.
+
+    Inputs: logps, mask [B, T]; selections = (I_w, I_l) 0/1 [B, T]: the tokens whose probability under the policy is
+    below the response's mean probability, log π_θ(y_t|·) < log mean_t π_θ(y_t|·) (detached; provider
+    :class:`tokenpo.providers.confpo.LowConfidenceTokens`).
+    r(y) = β·Σ_t I_t log π_θ(y_t|·) / Σ_t I_t                                                    [B]
+    L = −log σ(r(y_w) − r(y_l) − γ), and 0 for a pair where either side selects no token (as the code) [B]
+    rewards = r(y).
+    """
+    check_positive(beta=beta)
+    check_nonnegative(gamma=gamma)
+    check_stats(chosen, rejected)
+    sel_w, sel_l = token_pair("selections", selections, chosen, rejected, binary=True)
+    n_w, n_l = sel_w.sum(-1), sel_l.sum(-1)
+    empty = (n_w == 0) | (n_l == 0)
+    r_w = beta * (sel_w * chosen.logps).sum(-1) / n_w.clamp(min=1)
+    r_l = beta * (sel_l * rejected.logps).sum(-1) / n_l.clamp(min=1)
+    losses = torch.where(empty, 0.0, -F.logsigmoid(r_w - r_l - gamma))
+    metrics = base_metrics(losses, r_w, r_l, chosen, rejected)
+    mask_metrics(metrics, "reward", (sel_w, sel_l), chosen, rejected)
+    return LossOutput(losses, metrics)
+
+
 # --------------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Objective:
+    """A registry entry: the function, its default hyper-parameters with their source, and what it consumes.
+
+    ``needs_reference``/``needs_kl``: the per-token statistics it reads (reference log-probs; full-vocabulary KL).
+    ``extra_inputs``: keyword arguments that providers must make; ``optional_inputs``: ones they may make;
+    ``providers``: the names (in :data:`tokenpo.providers.PROVIDERS`) of the providers that make them by default.
+    ``reference_free_with``: optional inputs that replace the reference statistics when a provider supplies them
+    (FPO's offline cache).
+    """
+
     name: str
     fn: Callable[..., LossOutput]
     defaults: dict
@@ -332,6 +481,14 @@ class Objective:
     needs_kl: bool
     extra_inputs: tuple[str, ...]
     source: str
+    providers: tuple[str, ...] = ()
+    optional_inputs: tuple[str, ...] = ()
+    reference_free_with: tuple[str, ...] = ()
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Every keyword argument that is an input, not a hyper-parameter."""
+        return self.extra_inputs + self.optional_inputs
 
     def __call__(self, chosen: TokenStats, rejected: TokenStats, **kwargs) -> LossOutput:
         """``fn`` with the registry defaults, overridden by ``kwargs``."""
@@ -352,22 +509,29 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("tdpo2", tdpo2, {"beta": 0.1, "alpha": 0.5}, True, True, (),
               "Zeng et al. 2024 Eq. 20; official trainers.py; β=0.1, α=0.5 (FPO Table 5)"),
     Objective("mapo", mapo, {"beta": 0.1}, True, True, ("masks",),
-              "SparsePO paper (arXiv 2410.05102), official mapo_trainer.py; β=0.1 (README HH; 0.8 for IMDB/TL;DR)"),
+              "SparsePO paper (arXiv 2410.05102), official mapo_trainer.py; β=0.1 (README HH; 0.8 for IMDB/TL;DR)",
+              providers=("mapo_masks",)),
     Objective("sparsepo", sparsepo,
               {"beta": 0.1, "common": True, "mask_on_reward": True, "mask_on_kl": True, "l1_reward": 0.001,
-               "l1_kl": 0.001, "halve_common_l1": True}, True, True, ("reward_masks", "kl_masks"),
+               "l1_kl": 0.001, "halve_common_l1": True}, True, True, ("reward_masks",),
               "SparsePO (arXiv 2410.05102), official sparse_trainer.py; README HH sparse-common: β=0.1, "
-              "l1_u=l1_d=0.001 (halved internally); IMDB/TL;DR use β=0.8 without L1"),
+              "l1_u=l1_d=0.001 (halved internally); IMDB/TL;DR use β=0.8 without L1",
+              providers=("sparsepo_masks",), optional_inputs=("kl_masks",)),
     Objective("sepo", sepo, {"gamma": 1.0, "margin": 0.0, "normalization": "selected"}, False, False,
               ("selections",),
               "Yang et al. 2024 (arXiv 2408.13518) Eq. 10-11; official utils_selective.py (γ=1, λ=0, mean over "
-              "selected tokens); paper: γ=2.1, λ=0.5, k=0.3"),
+              "selected tokens); paper: γ=2.1, λ=0.5, k=0.3", providers=("sepo_selections",)),
     Objective("fpo", fpo, {"beta": 0.1, "alpha": 0.5, "k": 50, "topk": "policy"}, True, False,
               ("features", "ref_features"),
               "Yin et al. 2024 (arXiv 2411.07618v4) Eq. 8-11, Table 5 (β=0.1, α=0.5); official fpo.py (k=50, "
-              "top-k of the policy features)"),
+              "top-k of the policy features)", optional_inputs=("ref_mean_logps",),
+              reference_free_with=("ref_mean_logps",)),
     Objective("tis_dpo", tis_dpo, {"beta": 0.1}, True, True, ("weights",),
-              "Liu et al. (TIS-DPO, ICLR-2025 submission) Eq. 15-19; β=0.1 [INF]"),
+              "Liu et al. (TIS-DPO, ICLR-2025 submission) Eq. 15-19; β=0.1 (ours; not verified against the paper)",
+              providers=("weights_columns",)),
+    Objective("confpo", confpo, {"beta": 2.0, "gamma": 0.5}, False, False, ("selections",),
+              "Yoon et al. 2025 (arXiv 2506.08712), official cpo_trainer.py (ConfPO on SimPO); β=2, γ=0.5 "
+              "(SimPO's, FPO Table 5)", providers=("low_confidence_tokens",)),
 )}
 
 

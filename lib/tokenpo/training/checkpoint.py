@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from .utils import package_versions
+from tokenpo.utils import package_versions
 
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
@@ -204,7 +204,10 @@ def resume_point(out_dir: Path, resume: bool | str | Path) -> Path | None:
 def write_config(out_dir: Path, config, hparams: dict, accelerator, resumed: bool) -> None:
     """``config.json``: the (dataclass) config, the objective's effective hyper-parameters, the process count and
     package versions; on resume, warn if the config differs from the one the run started with."""
-    record = {"config": json_safe(dataclasses.asdict(config)), "objective_hparams": json_safe(hparams),
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    if settings.get("providers") is not None:
+        settings["providers"] = [{"class": type(p).__name__, **p.settings()} for p in settings["providers"]]
+    record = {"config": json_safe(settings), "objective_hparams": json_safe(hparams),
               "num_processes": accelerator.num_processes, "versions": package_versions()}
     path = out_dir / "config.json"
     if resumed and path.exists():
@@ -218,18 +221,17 @@ def write_config(out_dir: Path, config, hparams: dict, accelerator, resumed: boo
 
 
 def save_final(accelerator, unwrapped, tokenizer, out_dir: Path) -> Path:
-    """``out_dir/final``: ``save_pretrained`` of ``unwrapped.policy`` (adapters only with PEFT), the mask networks
-    (``token_mask.safetensors``) and the tokenizer, written into a temporary folder and renamed."""
+    """``out_dir/final``: ``save_pretrained`` of ``unwrapped.policy`` (adapters only with PEFT), the tokenizer, and
+    every provider with trainable state under ``providers/<index>-<class>/`` (its own ``save_pretrained``), written
+    into a temporary folder and renamed."""
     final = out_dir / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp = out_dir / f".final.{uuid.uuid4().hex}.tmp"
         unwrapped.policy.save_pretrained(str(tmp))
-        if unwrapped.token_mask is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.token_mask.state_dict().items()},
-                      str(tmp / "token_mask.safetensors"))
+        for index, provider in enumerate(unwrapped.providers):
+            if hasattr(provider, "save_pretrained") and any(p.requires_grad for p in provider.parameters()):
+                provider.save_pretrained(tmp / "providers" / f"{index}-{type(provider).__name__}")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if final.exists():

@@ -1,6 +1,5 @@
-"""Run untrusted (model-written) Python programs in a separate, limited process.
-
-HumanEval checking and pass@k (`tokenpo.code_eval`) are re-exported here: `sandbox.check_correctness`, ...
+"""Run untrusted (model-written) Python programs in a separate, limited process (HumanEval checks and pass@k on
+top of it: :mod:`tokenpo.evaluation.code`).
 
 Every program gets a fresh `python -I` interpreter in its own process, started through a small launcher and watched
 by a supervisor that reports the program's exact exit status and CPU time on a private pipe:
@@ -41,8 +40,6 @@ from pathlib import Path
 from typing import Mapping
 
 
-_CODE_EVAL_NAMES = ("humaneval_program", "check_correctness", "check_completions", "estimate_pass_at_k",
-                    "pass_at_k")
 STATUSES = ("passed", "failed", "timeout", "memory", "output_limit", "killed", "crashed")
 _FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 _LAUNCH_ERROR_CODE = 86  # exit status of the launcher when it could not set the sandbox up
@@ -366,12 +363,3 @@ def run_python(source: str, limits: SandboxLimits | None = None, *, files: Mappi
     status, sig, message = _classify(outcome, stderr, _cpu_limit(limits))
     code = None if outcome.wait_status is None else os.waitstatus_to_exitcode(outcome.wait_status)
     return SandboxResult(status, message, code, sig, stdout, stderr, outcome.wall, outcome.cpu, iso.mode, task_id)
-
-
-def __getattr__(name: str):
-    # HumanEval checking and pass@k live in tokenpo.code_eval; exported here too (they are the sandbox's users)
-    if name in _CODE_EVAL_NAMES:
-        from . import code_eval
-
-        return getattr(code_eval, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

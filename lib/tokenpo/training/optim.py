@@ -42,22 +42,23 @@ def delayed_factor(base: Callable[[int], float], freeze_steps: int, warmup_steps
     return factor
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float, mask_lr: float | None = None,
-                     mask_weight_decay: float | None = None, mask_marker: str = "_mask") -> list[dict]:
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, provider_lr: float | None = None,
+                     provider_weight_decay: float | None = None, provider_prefix: str = "providers.") -> list[dict]:
     """AdamW parameter groups over the trainable parameters of `model`.
 
-    - "decay": matrices (dim >= 2) outside the mask networks, with `weight_decay`;
-    - "no_decay": biases and norm weights outside the mask networks, without weight decay;
-    - "masks": every parameter whose name contains `mask_marker` (the official SparsePO rule), with its own
-      `mask_lr` (default `lr`) and `mask_weight_decay` (default `weight_decay`).
+    - "decay": matrices (dim >= 2) of the policy, with `weight_decay`;
+    - "no_decay": biases and norm weights of the policy, without weight decay;
+    - "providers": every parameter whose name starts with `provider_prefix` (the providers' modules inside
+      :class:`tokenpo.training.step.TrainablePolicy`, e.g. SparsePO's mask networks), with their own `provider_lr`
+      (default `lr`) and `provider_weight_decay` (default `weight_decay`).
     Empty groups are left out; every group carries its "name".
     """
-    groups: dict[str, list[torch.nn.Parameter]] = {"decay": [], "no_decay": [], "masks": []}
+    groups: dict[str, list[torch.nn.Parameter]] = {"decay": [], "no_decay": [], "providers": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if mask_marker and mask_marker in name:
-            groups["masks"].append(param)
+        if provider_prefix and name.startswith(provider_prefix):
+            groups["providers"].append(param)
         elif param.dim() >= 2:
             groups["decay"].append(param)
         else:
@@ -65,7 +66,8 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, mask_lr: 
     settings = {
         "decay": (lr, weight_decay),
         "no_decay": (lr, 0.0),
-        "masks": (lr if mask_lr is None else mask_lr, weight_decay if mask_weight_decay is None else mask_weight_decay),
+        "providers": (lr if provider_lr is None else provider_lr,
+                      weight_decay if provider_weight_decay is None else provider_weight_decay),
     }
     out = [{"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
            for name, params in groups.items() if params]

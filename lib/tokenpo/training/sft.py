@@ -17,9 +17,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from tokenpo.utils import set_seed
+
 from .checkpoint import EpochSampler
 from .optim import parameter_groups, schedule_factor
-from .utils import set_seed
 
 __all__ = ["SFTConfig", "sft", "heldout_loss"]
 
@@ -134,7 +135,7 @@ def sft(model, tokenizer, texts: Sequence[str], config: SFTConfig | None = None,
     loader = DataLoader(train_rows, batch_size=config.batch_size, sampler=sampler, collate_fn=_collate(pad_id))
     total_steps = config.max_steps or config.epochs * len(loader)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.learning_rate, config.weight_decay, mask_marker=""),
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.learning_rate, config.weight_decay, provider_prefix=""),
                                   lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(config.schedule, total_steps, warmup))
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from tokenpo.losses import (OBJECTIVES, dpo, dpop, fpo, get_objective, ipo, mapo, sepo, simpo, sparsepo, tdpo1,
-                            tdpo2, tis_dpo)
+from tokenpo.objectives import (OBJECTIVES, confpo, dpo, dpop, fpo, get_objective, ipo, mapo, sepo, simpo, sparsepo,
+                                tdpo1, tdpo2, tis_dpo)
 from tokenpo.tokens import TokenStats
 
 # Two pairs, T = 3. Values at positions where the mask is 0 are junk on purpose: they must not matter.
@@ -267,6 +267,20 @@ def ones_pair():
     return pair([[1.0] * 3] * 2, [[1.0] * 3] * 2)
 
 
+def test_confpo_hand():
+    """r(y) = β·mean of log π over the selected tokens; a pair with an empty side contributes 0 (official code)."""
+    beta, gamma = 2.0, 0.5
+    out = confpo(*stats(), selections=pair(SEL_W, SEL_L), beta=beta, gamma=gamma)
+    for b in range(2):
+        w = [s * m for s, m in zip(SEL_W[b], M_W[b])]
+        lo = [s * m for s, m in zip(SEL_L[b], M_L[b])]
+        r_w = beta * msum(LP_W[b], w) / sum(w)
+        r_l = beta * msum(LP_L[b], lo) / sum(lo)
+        assert out.losses[b].item() == pytest.approx(-logsig(r_w - r_l - gamma), rel=1e-12)
+    empty = confpo(*stats(), selections=pair([[0, 0, 0], SEL_W[1]], SEL_L), beta=beta, gamma=gamma)
+    assert empty.losses[0].item() == 0.0 and empty.losses[1].item() == pytest.approx(out.losses[1].item())
+
+
 def test_equivalences():
     reference = tdpo1(*stats(), beta=BETA).losses
     for common in (True, False):
@@ -320,6 +334,7 @@ GRAD_CASES = {
     "fpo": (lambda c, r, a, b, d, e: fpo(c, r, features=(a, b), ref_features=(d, e), k=2, topk="union"),
             [FEAT_W, FEAT_L, REF_FEAT_W, REF_FEAT_L], (6, 8, 9)),
     "tis_dpo": (lambda c, r, a, b: tis_dpo(c, r, weights=(a, b)), [POSITIVE(MASK_W), POSITIVE(MASK_L)], (6, 7)),
+    "confpo": (lambda c, r: confpo(c, r, selections=pair(SEL_W, SEL_L)), [], ()),
 }
 
 
@@ -403,7 +418,7 @@ def test_metrics_are_detached_scalars():
 # ------------------------------------------------------------------------------------------- registry and errors
 def test_registry_defaults_and_requirements():
     assert set(OBJECTIVES) == {"dpo", "ipo", "simpo", "dpop", "tdpo1", "tdpo2", "mapo", "sparsepo", "sepo", "fpo",
-                               "tis_dpo"}
+                               "tis_dpo", "confpo"}
     extras = {"masks": pair(MASK_W, MASK_L), "reward_masks": pair(MASK_W, MASK_L), "kl_masks": None,
               "selections": pair(SEL_W, SEL_L), "features": pair(FEAT_W, FEAT_L),
               "ref_features": pair(REF_FEAT_W, REF_FEAT_L), "weights": pair(MASK_W, MASK_L)}
@@ -431,6 +446,39 @@ def test_registry_defaults_and_requirements():
                 objective(chosen, rejected, **kwargs)
 
 
+# Every default, with its source (the docs' equations page cites the same). A default changed in the registry must
+# be changed here too, on purpose: the test fails on any silent edit (e.g. IPO's length normalisation, DPOP's λ).
+GOLDEN_DEFAULTS = {
+    "dpo": {"beta": 0.1},                                            # TRL; FPO Table 5
+    "ipo": {"beta": 0.1, "length_normalize": True},                  # TRL loss_type="ipo" (÷ |y|)
+    "simpo": {"beta": 2.0, "gamma": 0.5},                            # FPO Table 5
+    "dpop": {"beta": 0.1, "lambda_": 50.0},                          # Smaug paper
+    "tdpo1": {"beta": 0.1},                                          # FPO Table 5
+    "tdpo2": {"beta": 0.1, "alpha": 0.5},                            # FPO Table 5; TDPO config/loss/tdpo.yaml
+    "mapo": {"beta": 0.1},                                           # SparsePO README (HH)
+    "sparsepo": {"beta": 0.1, "common": True, "mask_on_reward": True, "mask_on_kl": True, "l1_reward": 0.001,
+                 "l1_kl": 0.001, "halve_common_l1": True},           # SparsePO README (HH sparse-common)
+    "sepo": {"gamma": 1.0, "margin": 0.0, "normalization": "selected"},   # official utils_selective.py
+    "fpo": {"beta": 0.1, "alpha": 0.5, "k": 50, "topk": "policy"},   # FPO Table 5; official fpo.py
+    "tis_dpo": {"beta": 0.1},
+    "confpo": {"beta": 2.0, "gamma": 0.5},                           # ConfPO on SimPO, SimPO's defaults
+}
+GOLDEN_INPUTS = {"mapo": ("masks",), "sparsepo": ("reward_masks", "kl_masks"), "sepo": ("selections",),
+                 "fpo": ("features", "ref_features", "ref_mean_logps"), "tis_dpo": ("weights",),
+                 "confpo": ("selections",)}
+GOLDEN_PROVIDERS = {"mapo": ("mapo_masks",), "sparsepo": ("sparsepo_masks",), "sepo": ("sepo_selections",),
+                    "tis_dpo": ("weights_columns",), "confpo": ("low_confidence_tokens",)}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_DEFAULTS))
+def test_registry_defaults_are_the_documented_ones(name):
+    objective = get_objective(name)
+    assert objective.defaults == GOLDEN_DEFAULTS[name]
+    assert set(objective.input_names) == set(GOLDEN_INPUTS.get(name, ()))
+    assert objective.providers == GOLDEN_PROVIDERS.get(name, ())
+    assert set(GOLDEN_DEFAULTS) == set(OBJECTIVES)
+
+
 def test_unknown_objective():
     with pytest.raises(ValueError, match="unknown objective 'dpo2'; known objectives: dpo, ipo"):
         get_objective("dpo2")
@@ -446,9 +494,14 @@ def test_bad_inputs_raise_clear_errors():
     empty = TokenStats(rejected.logps, rejected.mask * torch.tensor([[1.0], [0.0]]), rejected.ref_logps, rejected.kl)
     with pytest.raises(ValueError, match=r"rejected row\(s\) \[1\] have an empty completion"):
         dpo(chosen, empty)
-    for beta in (0.0, -1.0):
-        with pytest.raises(ValueError, match="beta must be > 0"):
+    for beta in (0.0, -1.0, math.inf, math.nan, "0.1"):
+        with pytest.raises(ValueError, match="beta must be a finite number > 0"):
             tdpo1(chosen, rejected, beta=beta)
+    with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+        sepo(chosen, rejected, selections=pair(SEL_W, SEL_L), margin=-0.5)
+    for ratio in (1.5, math.inf, 0.0):
+        with pytest.raises(ValueError, match=r"ratio_chosen must be a share of the tokens in \(0, 1\]"):
+            sepo(chosen, rejected, selections=pair(SEL_W, SEL_L), normalization="length", ratios=(ratio, 0.3))
     with pytest.raises(ValueError, match=r"masks\[rejected\] has shape \(2, 2\), expected \(2, 3\)"):
         mapo(chosen, rejected, masks=(torch.ones(2, 3), torch.ones(2, 2)))
     with pytest.raises(ValueError, match=r"negative values \(first in row 1\)"):
@@ -461,7 +514,7 @@ def test_bad_inputs_raise_clear_errors():
         sparsepo(chosen, rejected, reward_masks=ones_pair(), kl_masks=ones_pair())
     with pytest.raises(ValueError, match="is TDPO-1"):
         sparsepo(chosen, rejected, reward_masks=ones_pair(), mask_on_reward=False, mask_on_kl=False)
-    with pytest.raises(ValueError, match="l1_kl must be >= 0"):
+    with pytest.raises(ValueError, match="l1_kl must be a finite number >= 0"):
         sparsepo(chosen, rejected, reward_masks=ones_pair(), l1_kl=-0.1)
     with pytest.raises(ValueError, match="must be 0/1"):
         sepo(chosen, rejected, selections=pair(MASK_W, MASK_L))
@@ -476,3 +529,21 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="topk must be"):
         fpo(chosen, rejected, features=pair(FEAT_W, FEAT_L), ref_features=pair(REF_FEAT_W, REF_FEAT_L), k=2,
             topk="ref")
+
+
+@pytest.mark.parametrize("name", ["mapo", "sparsepo", "tis_dpo"])
+@pytest.mark.parametrize("junk", [math.nan, math.inf])
+def test_non_finite_weights_off_the_completion_reach_neither_loss_nor_gradient(name, junk):
+    """A NaN/inf token weight at a prompt or padding position (where the mask is 0) changes nothing."""
+    fn, extras, _ = GRAD_CASES[name]
+    base = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (LP_W, REF_W, KL_W, LP_L, REF_L, KL_L)]
+    clean = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in extras]
+    poisoned = [t.detach().clone().requires_grad_(True) for t in clean]
+    for t, mask in zip(poisoned, [M_W, M_L] * (len(poisoned) // 2)):
+        with torch.no_grad():
+            t[~torch.tensor(mask, dtype=torch.bool)] = junk
+    expected = fn(*_stats_from(*base), *clean).losses
+    got = fn(*_stats_from(*base), *poisoned).losses
+    torch.testing.assert_close(got, expected.detach())
+    grads = torch.autograd.grad(got.sum(), [*base, *poisoned], allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)

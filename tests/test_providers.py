@@ -1,4 +1,5 @@
-"""Tests of tokenpo.masks (MaPO activation masks, SparsePO mask network, SePO selection, random masks)."""
+"""Tests of tokenpo.providers: MaPO activation masks, SparsePO mask networks, SePO selection, ConfPO tokens, random
+masks, dataset columns — alone and as providers of a step."""
 import importlib
 import math
 
@@ -7,10 +8,13 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM)
 
-from tokenpo.activation_hooks import token_statistics
-from tokenpo.masks import (SparsePOMask, SparsePOMasks, aligned_reference_layers, mapo_batch_masks, mapo_masks,
-                           mask_summary, oracle_scores, random_mask, random_selection, selection_counts,
-                           sepo_selection, zn_rescale)
+from tokenpo.objectives import mask_statistics
+from tokenpo.providers.activations import token_statistics
+from tokenpo.providers.mapo import mapo_batch_masks, mapo_masks, zn_rescale
+from tokenpo.providers.random import random_mask, random_selection
+from tokenpo.providers.sepo import oracle_scores, selection_counts, sepo_selection
+from tokenpo.providers.sparsepo import SparsePOMask, SparsePOMasks
+from tokenpo.tokens import align_to_labels
 
 VOCAB = 64
 
@@ -37,7 +41,7 @@ def _llama():
 
 
 BUILDERS = {"gpt2": _gpt2, "neox": _neox, "neox_sequential": lambda: _neox(False), "llama": _llama}
-# hooked tensors per type for a 2-layer model (see the table in tokenpo.activation_hooks)
+# hooked tensors per type for a 2-layer model (see the table in tokenpo.providers.activations)
 EXPECTED_COUNTS = {
     "gpt2": {"resid": 5 * 2 + 2, "attn": 4 * 2, "mlp": 2, "logits": 1},
     "neox": {"resid": 5 * 2 + 2, "attn": 6 * 2, "mlp": 2, "logits": 1},
@@ -120,9 +124,9 @@ def test_mapo_masks_properties(models, batch, family):
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_hooked_tensor_counts(models, batch, family):
     ids, attn, _ = batch
-    stats = token_statistics(models[family], ids, attn, ("resid", "attn", "mlp", "logits"), lambda a: a.mean(-1))
+    stats = token_statistics(models[family], ids, attn, ("resid", "attn", "mlp", "logits"))
     assert {k: len(v) for k, v in stats.items()} == EXPECTED_COUNTS[family]
-    assert all(s.shape == ids.shape for v in stats.values() for s in v)
+    assert all(s.shape == (ids.shape[0], ids.shape[1] - 1) for v in stats.values() for s in v)   # label-aligned
     assert _hook_count(models[family]) == 0
 
 
@@ -151,12 +155,12 @@ def test_mlp_hook_reads_post_activation(models, batch):
     seen = []
     handles = [b.mlp.act.register_forward_hook(lambda m, a, o: seen.append(o.mean(-1))) for b in model.transformer.h]
     try:
-        stats = token_statistics(model, ids, attn, ("mlp",), lambda a: a.mean(-1))
+        stats = token_statistics(model, ids, attn, ("mlp",))
     finally:
         for h in handles:
             h.remove()
     for ours, theirs in zip(stats["mlp"], seen):
-        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(ours, theirs[:, :-1])
 
 
 @pytest.mark.parametrize("family", ["neox", "llama"])
@@ -175,12 +179,12 @@ def test_post_rotary_queries_match_the_model(models, batch, family):
 
     module.apply_rotary_pos_emb = spy
     try:
-        stats = token_statistics(model, ids, attn, ("attn",), lambda a: a.mean(-1))
+        stats = token_statistics(model, ids, attn, ("attn",))
     finally:
         module.apply_rotary_pos_emb = original
     model_q, model_k = used[2]           # our q and k rotations call the spy first, then the layer itself
-    assert torch.allclose(stats["attn"][1], model_q, atol=1e-6)     # order: q, rot q, k, rot k, v, v_out
-    assert torch.allclose(stats["attn"][3], model_k, atol=1e-6)
+    assert torch.allclose(stats["attn"][1], model_q[:, :-1], atol=1e-6)     # order: q, rot q, k, rot k, v, v_out
+    assert torch.allclose(stats["attn"][3], model_k[:, :-1], atol=1e-6)
 
 
 def test_hooks_removed_and_mode_restored_on_error(models, batch):
@@ -248,7 +252,7 @@ def test_sparsepo_mask_shape_sign_and_zeros():
     net = SparsePOMask(3, 16)
     mask = torch.ones(4, 7)
     mask[0, :3] = 0
-    m = net(aligned_reference_layers(_ref_layers()), mask)
+    m = net([align_to_labels(h) for h in _ref_layers()], mask)
     assert m.shape == (4, 7) and (m >= 0).all()
     assert (m[mask == 0] == 0).all()
     assert (m[mask == 1] == 0).any() and (m[mask == 1] > 0).any()        # ReLU gives exact zeros
@@ -287,9 +291,9 @@ def test_sparsepo_gradients_reach_parameters_not_reference():
 
 
 def test_sparsepo_structure_common_and_independent():
-    common = SparsePOMasks(3, 16, mode="common")
-    indep = SparsePOMasks(3, 16, mode="independent")
-    per_net = 3 * (16 + 1) + 3 + 2 * 16                   # L(d+1) + L + 2d (papers.md §1.3)
+    common = SparsePOMasks("common", 3, 16)
+    indep = SparsePOMasks("independent", 3, 16)
+    per_net = 3 * (16 + 1) + 3 + 2 * 16                   # L(d+1) + L + 2d (docs/equations.md#sparsepo)
     assert sum(p.numel() for p in common.parameters()) == per_net
     assert sum(p.numel() for p in indep.parameters()) == 2 * per_net
     for masks in (common, indep):
@@ -297,9 +301,9 @@ def test_sparsepo_structure_common_and_independent():
         for net in masks.children():
             assert sum(isinstance(m, torch.nn.LayerNorm) for m in net.modules()) == 1   # shared LayerNorm
     layers = _ref_layers()
-    reward, kl = common(layers)
+    reward, kl = common.weights(layers)
     assert reward is kl
-    reward, kl = indep(layers)
+    reward, kl = indep.weights(layers)
     assert reward.shape == kl.shape and not torch.equal(reward, kl)
     assert {n.split(".")[0] for n, _ in indep.named_parameters()} == {"rw_mask", "kl_mask"}
 
@@ -317,15 +321,15 @@ def test_sparsepo_resc_activation_and_config():
     with pytest.raises(ValueError, match="expects 5 layer states"):
         masks.rw_mask(_ref_layers(3, 24))
     with pytest.raises(ValueError, match="mode"):
-        SparsePOMasks(3, 16, mode="shared")
+        SparsePOMasks("shared", 3, 16)
 
 
-def test_mask_summary():
+def test_mask_statistics_per_row():
     weights = torch.tensor([[0.0, 0.5, 0.0, 9.0], [1.0, 0.0, 2.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    out = mask_summary(weights, mask)
-    assert out["sparsity"].item() == pytest.approx((2 / 3 + 2 / 4) / 2)
-    assert out["mean"].item() == pytest.approx((0.5 / 3 + 3 / 4) / 2)
+    sparsity, mean = mask_statistics(weights, mask)
+    torch.testing.assert_close(sparsity, torch.tensor([2 / 3, 2 / 4]))
+    torch.testing.assert_close(mean, torch.tensor([0.5 / 3, 3 / 4]))
 
 
 # ---------------------------------------------------------------------------------------------------- SePO
