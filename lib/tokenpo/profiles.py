@@ -47,7 +47,7 @@ class WorldConfig:
 class SentimentConfig:
     """Sentiment control (notebook 02, SparsePO's first experiment): reference SFT, reward classifier, pairs, sweep.
 
-    Mask knobs beyond the official code (papers.md §1.3; the official code trains the masks with the policy's lr,
+    Mask knobs beyond the official code (docs/equations.md#sparsepo; the official code trains the masks with the policy's lr,
     default init, from step 0): `mask_lr`, `mask_freeze_steps`, `mask_warmup_steps`, `mixer_init`, `mask_seeds`.
     """
 

@@ -9,7 +9,7 @@ import torch
 
 @dataclass
 class PreferenceCollator:
-    """Pads a list of tokenised pairs into the batch dict of CONTEXT.md.
+    """Pads a list of tokenised pairs (`tokenize_pairs` rows) into the batch the trainer takes.
 
     Returns `{chosen,rejected}_{input_ids,attention_mask,completion_mask}` (all [B, L], long; chosen and rejected
     right-padded to one length L, a multiple of `pad_to_multiple_of` if set) and `row_index` [B]; plus any of
