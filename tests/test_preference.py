@@ -269,3 +269,178 @@ def test_collator_pads_per_token_columns_aligned_with_the_labels(tokenizer):
         PreferenceCollator(tokenizer.pad_token_id)(bad)
     plain = PreferenceCollator(tokenizer.pad_token_id, token_keys=())(features)
     assert "chosen_weights" not in plain
+
+
+# ------------------------------------------------------------------------------- silent changes found by the issue
+
+def test_dropped_rows_are_reported_and_the_full_report_is_kept(tokenizer, tmp_path):
+    from tokenpo.data.preference import BadRowsWarning, last_bad_rows
+
+    rows = [ROWS[0], {"prompt": "x", "chosen": "a"}, ROWS[1], {"prompt": "x", "chosen": "same", "rejected": "same"}]
+    with pytest.warns(BadRowsWarning, match=r"load_preference_dataset: dropped 2 of 4 rows: row 1 \[rejected\]: "
+                                            r"missing column; row 3 \[rejected\]: identical to chosen"):
+        kept = load_preference_dataset(rows, on_bad_rows="drop")
+    assert kept.to_list() == [ROWS[0], ROWS[1]]
+    report = last_bad_rows()
+    assert report.stage == "load_preference_dataset" and report.total == 4
+    assert [(b.index, b.column, b.reason) for b in report] == [(1, "rejected", "missing column"),
+                                                                (3, "rejected", "identical to chosen")]
+    # a later stage has its own report; the earlier one stays retrievable by name
+    long_prompt = "The movie was great and the acting was wonderful. " * 3
+    with pytest.warns(BadRowsWarning, match=r"tokenize_pairs: dropped 1 of 3 rows: row 1 \[prompt\]"):
+        tokenize_pairs([ROWS[0], {"prompt": long_prompt, "chosen": " a", "rejected": " b"}, ROWS[2]], tokenizer,
+                       max_prompt_length=10, truncation=None, on_bad_rows="drop")
+    assert [b.index for b in last_bad_rows()] == [1] and last_bad_rows().stage == "tokenize_pairs"
+    assert [b.index for b in last_bad_rows("load_preference_dataset")] == [1, 3]
+    # saved next to a run, one JSON object per bad row
+    path = last_bad_rows("load_preference_dataset").save(tmp_path / "run" / "bad_rows.jsonl")
+    saved = [json.loads(line) for line in path.read_text().splitlines()]
+    assert saved == [{"stage": "load_preference_dataset", "index": 1, "column": "rejected", "reason": "missing column"},
+                     {"stage": "load_preference_dataset", "index": 3, "column": "rejected",
+                      "reason": "identical to chosen"}]
+    # a clean call leaves an empty report, and warns about nothing
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_preference_dataset(ROWS, on_bad_rows="drop")
+    assert len(last_bad_rows()) == 0
+
+
+def test_extra_columns_of_later_rows_are_kept():
+    rows = [ROWS[0], ROWS[1] | {"source": "web", "score": 0.5}, ROWS[2] | {"score": 1.0}]
+    ds = load_preference_dataset(rows)
+    assert ds.column_names == ["prompt", "chosen", "rejected", "source", "score"]
+    assert ds["source"] == [None, "web", None] and ds["score"] == [None, 0.5, 1.0]
+
+
+USER = {"role": "user", "content": "How do I bake bread?"}
+
+
+def _say(role, content):
+    return [{"role": role, "content": content}]
+
+
+def test_conversation_roles_and_duplicates_are_checked():
+    good = {"prompt": [USER], "chosen": _say("assistant", "Knead and bake."), "rejected": _say("assistant", "No.")}
+    rows = [
+        good,                                                                       # 0 fine
+        good | {"rejected": _say("user", "Buy it.")},                               # 1 rejected turn by the user
+        good | {"prompt": [{"role": "bot", "content": "hello"}, USER]},             # 2 unknown role
+        good | {"chosen": _say("assistant", "Mix.") + _say("user", "ok")},          # 3 user turn inside chosen
+        dict(good),                                                                 # 4 duplicate of row 0
+        good | {"prompt": [{"role": "system", "content": "Be brief."}, USER],       # 5 fine: system and tool
+                "chosen": _say("assistant", "Bake.")},
+        good | {"prompt": [USER, {"role": "tool", "content": "recipe: ..."}]},      # 6 fine
+    ]
+    bad = validate_rows(rows)
+    assert [(b.index, b.column) for b in bad] == [(1, "rejected"), (2, "prompt"), (3, "chosen"), (4, None)]
+    reasons = {b.index: b.reason for b in bad}
+    assert "assistant" in reasons[1] and "'user'" in reasons[1]
+    assert "'bot'" in reasons[2] and "system, user, assistant, tool" in reasons[2]
+    assert "'user'" in reasons[3]
+    assert reasons[4] == "duplicate of row 0"
+    with pytest.raises(ValueError, match=r"4 of 7 rows are bad: row 1 \[rejected\]"):
+        load_preference_dataset(rows)
+    # text rows: duplicates too
+    assert [str(b) for b in validate_rows([ROWS[0], ROWS[1], ROWS[0]])] == ["row 2: duplicate of row 0"]
+
+
+def test_implicit_prompt_conversations_are_accepted_as_trl_does(tokenizer):
+    """No `prompt` column: the prompt is the shared prefix of `chosen` and `rejected` (TRL's `extract_prompt`)."""
+    system = {"role": "system", "content": "Be brief."}
+    rows = [{"chosen": [system, USER, {"role": "assistant", "content": "Knead and bake."}],
+             "rejected": [system, USER, {"role": "assistant", "content": "No."}]},
+            {"chosen": [USER, {"role": "assistant", "content": "Bake."}],
+             "rejected": [USER, {"role": "assistant", "content": "Buy it."}]}]
+    ds = load_preference_dataset(rows)
+    assert ds.column_names[:3] == ["prompt", "chosen", "rejected"]
+    assert ds[0]["prompt"] == [system, USER] and ds[0]["chosen"] == _say("assistant", "Knead and bake.")
+    assert ds[1]["prompt"] == [USER] and ds[1]["rejected"] == _say("assistant", "Buy it.")
+    explicit = [{"prompt": [system, USER], "chosen": _say("assistant", "Knead and bake."),
+                 "rejected": _say("assistant", "No.")},
+                {"prompt": [USER], "chosen": _say("assistant", "Bake."), "rejected": _say("assistant", "Buy it.")}]
+    expected = tokenize_pairs(explicit, tokenizer)
+    for source in (rows, datasets.Dataset.from_list(rows)):  # a Dataset without a prompt column too
+        tokenized = tokenize_pairs(source, tokenizer)
+        for column in ("prompt_ids", "chosen_ids", "rejected_ids", "row_index"):
+            assert tokenized[column] == expected[column]
+
+
+def test_implicit_prompt_text_is_accepted_as_trl_does():
+    rows = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},
+            {"chosen": "Paris is in France.", "rejected": "Paris is in Texas."}]
+    ds = load_preference_dataset(rows)
+    # TRL's rule: the shared prefix, minus a trailing space (which goes to the completions)
+    assert ds.to_list() == [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+                            {"prompt": "Paris is in", "chosen": " France.", "rejected": " Texas."}]
+    assert [str(b) for b in validate_rows([{"chosen": "abc", "rejected": "xyz"}])] == [
+        "row 0 [prompt]: no shared prompt: chosen and rejected differ from their first character/message "
+        "(implicit-prompt format)"]
+
+
+def test_sequences_longer_than_the_model_context_are_bad_rows(tokenizer):
+    long_prompt = "The movie was great and the acting was wonderful. " * 3
+    rows = [ROWS[0], {"prompt": long_prompt, "chosen": " yes", "rejected": " no"}, ROWS[2]]
+    n = len(tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
+    short = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>",
+                                    model_max_length=n)
+    with pytest.raises(ValueError, match=rf"tokenize_pairs: 1 of 3 rows are bad: row 1 \[chosen\]: prompt \+ chosen "
+                                         rf"has {n + 2} tokens > model_max_length={n}"):
+        tokenize_pairs(rows, short)
+    # the tokenizer's model_max_length is a placeholder here: the model's context is passed explicitly
+    with pytest.raises(ValueError, match=rf"row 1 \[chosen\]: .* > model_max_length={n}"):
+        tokenize_pairs(rows, tokenizer, model_max_length=n)
+    with pytest.warns(UserWarning, match="dropped 1 of 3"):
+        assert tokenize_pairs(rows, tokenizer, model_max_length=n, on_bad_rows="drop")["row_index"] == [0, 2]
+    # with max_length (completions cut to fit) nothing is bad, but max_length may not exceed the context
+    assert len(tokenize_pairs(rows, short, max_length=n)) == 3
+    with pytest.raises(ValueError, match=rf"max_length={n + 1} exceeds model_max_length={n}"):
+        tokenize_pairs(rows, short, max_length=n + 1)
+
+
+def test_token_ids_beyond_the_vocabulary_are_bad_rows(tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    # a vocabulary with a hole: id 500 in a tokenizer of 5 tokens
+    word = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1, "b": 2, "[UNK]": 3, "zzz": 500}, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    holes = PreTrainedTokenizerFast(tokenizer_object=word, eos_token="<eos>")
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "a b"}, {"prompt": "a", "chosen": "zzz", "rejected": "b"}]
+    with pytest.raises(ValueError, match=r"row 1 \[chosen\]: token id 500 >= vocabulary size 5"):
+        tokenize_pairs(rows, holes)
+    # the model's embedding can be smaller than the tokenizer (tokens added without resizing)
+    biggest = max(max(r["prompt_ids"] + r["chosen_ids"] + r["rejected_ids"]) for r in tokenize_pairs(ROWS, tokenizer))
+    with pytest.raises(ValueError, match=rf"token id {biggest} >= vocabulary size {biggest}"):
+        tokenize_pairs(ROWS, tokenizer, vocab_size=biggest)
+
+
+def test_collator_on_untokenised_rows_says_what_to_do():
+    with pytest.raises(ValueError, match=r"call tokenpo.data.preference.tokenize_pairs"):
+        PreferenceCollator(0)([ROWS[0] | {"row_index": 0}])
+
+
+def test_tokenisation_output_columns_and_types_are_pinned(tokenizer):
+    tokenized = tokenize_pairs(ROWS + [ROWS[0] | {"prompt": "Another"}], tokenizer, max_length=8)
+    assert tokenized.column_names == ["prompt", "chosen", "rejected", "row_index", "prompt_ids", "chosen_ids",
+                                      "rejected_ids", "truncated_prompt", "truncated_chosen", "truncated_rejected",
+                                      "truncated_completion"]
+    assert {k: repr(v) for k, v in tokenized.features.items() if k not in ("prompt", "chosen", "rejected")} == {
+        "row_index": "Value('int64')", "prompt_ids": "List(Value('int64'))", "chosen_ids": "List(Value('int64'))",
+        "rejected_ids": "List(Value('int64'))", "truncated_prompt": "Value('bool')",
+        "truncated_chosen": "Value('bool')", "truncated_rejected": "Value('bool')",
+        "truncated_completion": "Value('bool')"}
+    # an existing row_index column is kept where it is, and re-tokenising replaces the token columns
+    again = tokenize_pairs(tokenized, tokenizer)
+    assert again.column_names == tokenized.column_names and again["row_index"] == [0, 1, 2, 3]
+    assert again["truncated_completion"] == [False] * 4
+
+
+def test_tokenisation_uses_the_datasets_cache_for_file_backed_datasets(tokenizer, tmp_path):
+    save_preference_dataset(datasets.Dataset.from_list(ROWS), tmp_path / "pairs")
+    ds = load_preference_dataset(tmp_path / "pairs")
+    first = tokenize_pairs(ds, tokenizer, max_length=16)
+    cached = [f["filename"] for f in first.cache_files if "cache-" in f["filename"]]
+    assert cached, first.cache_files
+    second = tokenize_pairs(load_preference_dataset(tmp_path / "pairs"), tokenizer, max_length=16)
+    assert second.to_list() == first.to_list()
+    assert {f["filename"] for f in second.cache_files} >= set(cached)  # the same cache file, not a new one

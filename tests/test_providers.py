@@ -398,3 +398,110 @@ def test_random_masks_are_seeded():
     assert not torch.equal(s1, random_selection(mask, 0.3, gen(8)))
     with pytest.raises(ValueError, match="kind"):
         random_mask(mask, kind="gaussian")
+
+
+# ------------------------------------------------------------------------------------------ as step providers
+def _context(rows, **columns):
+    """A StepContext over collated rows (per-token columns placed by the collator), with the label masks."""
+    from tokenpo.data.collator import PreferenceCollator
+    from tokenpo.providers import StepContext
+    from tokenpo.tokens import TokenStats, completion_labels
+
+    batch = PreferenceCollator(0)(rows)
+    stats = []
+    for side in ("chosen", "rejected"):
+        labels = completion_labels(batch[f"{side}_input_ids"], batch[f"{side}_completion_mask"])
+        mask = (labels != -100).float()
+        stats.append(TokenStats(logps=columns.get(f"{side}_logps", torch.zeros_like(mask)), mask=mask))
+    labels = torch.cat([completion_labels(batch[f"{s}_input_ids"], batch[f"{s}_completion_mask"])
+                        for s in ("chosen", "rejected")])
+    return StepContext(batch=batch, labels=labels, chosen=stats[0], rejected=stats[1], hparams={}), batch
+
+
+def _selected_tokens(selection, batch, side):
+    """The completion token ids a [B, T] selection marks, per row (labels: position t holds token t + 1)."""
+    ids = batch[f"{side}_input_ids"][:, 1:]
+    return [ids[b][selection[b] == 1].tolist() for b in range(len(ids))]
+
+
+def test_sepo_provider_keeps_the_oracles_best_chosen_and_worst_rejected_tokens():
+    """Known scores per completion token: the provider must pick exactly the top-k chosen and bottom-k rejected
+    tokens — so a shift of the score column by one position, or the wrong direction on a side, fails here."""
+    from tokenpo.providers import SePOSelections
+
+    rows = [{"row_index": 0, "prompt_ids": [5, 6, 7], "chosen_ids": [11, 12, 13, 14, 15, 16, 17, 18, 19, 1],
+             "rejected_ids": [21, 22, 23, 24, 25, 26, 27, 28, 29, 1]},
+            {"row_index": 1, "prompt_ids": [5, 6], "chosen_ids": [31, 32, 33, 34, 35, 1],
+             "rejected_ids": [41, 42, 43, 44, 45, 46, 47, 1]}]
+    # scores per completion token, all distinct; high for the token ids listed in `best`
+    best = {"chosen": [[14, 18, 1], [33]], "rejected": [[22, 27, 29], [41, 45]]}
+    for i, row in enumerate(rows):
+        for side in ("chosen", "rejected"):
+            row[f"{side}_token_scores"] = [(100 if t in best[side][i] else 0) + 0.01 * j
+                                           for j, t in enumerate(row[f"{side}_ids"])]
+    ctx, batch = _context(rows)
+    out = SePOSelections(0.3, 0.3)(ctx)["selections"]
+    # chosen: int(0.3·10) = 3 and int(0.3·6) = 1 tokens with the HIGHEST scores
+    assert _selected_tokens(out[0], batch, "chosen") == best["chosen"]
+    # rejected: 3 and 2 tokens with the LOWEST scores: the low-score tokens, lowest first in position order
+    worst = [[t for t in row["rejected_ids"] if t not in best["rejected"][i]] for i, row in enumerate(rows)]
+    assert _selected_tokens(out[1], batch, "rejected") == [worst[0][:3], worst[1][:2]]
+
+
+def test_sepo_provider_errors_and_random_tokens():
+    from tokenpo.providers import SePOSelections
+
+    rows = [{"row_index": 3, "prompt_ids": [5, 6], "chosen_ids": [11, 12, 13, 1], "rejected_ids": [21, 22, 1]}]
+    ctx, _ = _context(rows)
+    with pytest.raises(ValueError, match="no column 'chosen_token_scores'.*score_pairs"):
+        SePOSelections()(ctx)
+    first = SePOSelections(0.5, 0.5, column=None, seed=1)(ctx)["selections"]
+    again = SePOSelections(0.5, 0.5, column=None, seed=1)(ctx)["selections"]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert [int(s.sum()) for s in first] == [2, 1]
+    for ratio in (0.0, 1.5, float("inf")):
+        with pytest.raises(ValueError, match=r"ratio_chosen must be a share of the tokens in \(0, 1\]"):
+            SePOSelections(ratio_chosen=ratio)
+
+
+def test_low_confidence_tokens_are_those_below_the_mean_probability():
+    from tokenpo.providers import LowConfidenceTokens
+
+    rows = [{"row_index": 0, "prompt_ids": [5], "chosen_ids": [11, 12, 13, 1], "rejected_ids": [21, 22, 1]}]
+    ctx, batch = _context(rows)
+    probs = {"chosen": [0.9, 0.1, 0.6, 0.8], "rejected": [0.5, 0.2, 0.3]}      # means 0.6 and 1/3
+    for side, stats in (("chosen", ctx.chosen), ("rejected", ctx.rejected)):
+        on = stats.mask[0] > 0
+        stats.logps[0, on] = torch.tensor(probs[side]).log()
+    chosen, rejected = LowConfidenceTokens()(ctx)["selections"]
+    assert _selected_tokens(chosen, batch, "chosen") == [[12]]          # 0.1 < 0.6; 0.6 is not below its mean
+    assert _selected_tokens(rejected, batch, "rejected") == [[22, 1]]   # 0.2 and 0.3 < 1/3
+
+
+def test_mapo_provider_equals_mapo_masks_without_a_second_forward(models, batch):
+    """In a step the MaPO statistics come from hooks on the one reference forward; the masks equal the standalone
+    function's, which runs a forward of its own."""
+    from tokenpo.objectives import get_objective
+    from tokenpo.providers import MaPOMasks
+    from tokenpo.training.step import TrainablePolicy, compute_batch, make_plan
+
+    model = models["llama"]
+    ids, attn, comp = batch
+    b = {"chosen_input_ids": ids, "chosen_attention_mask": attn, "chosen_completion_mask": comp,
+         "rejected_input_ids": ids.flip(0), "rejected_attention_mask": attn.flip(0),
+         "rejected_completion_mask": comp.flip(0), "row_index": torch.arange(3)}
+    provider = MaPOMasks()
+    forwards = []
+    handle = model.model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        plan = make_plan(get_objective("mapo"), {"beta": 0.1}, [provider])
+        seen = {}
+        original = provider.forward
+        provider.forward = lambda ctx: seen.setdefault("out", original(ctx))
+        compute_batch(plan, TrainablePolicy(_llama().eval(), [provider]), model, b)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1                                   # the reference ran once, for everything
+    expected = mapo_batch_masks(model, b)
+    for got, want in zip(seen["out"]["masks"], expected):
+        torch.testing.assert_close(got, want)

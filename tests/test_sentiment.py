@@ -158,6 +158,35 @@ def test_token_masks_give_one_weight_per_completion_token(tokenizer):
         alignment.token_masks(states, "kl")
 
 
+def test_the_mask_analysis_reproduces_the_trainers_logged_mask_means(tokenizer):
+    """The analyses read the masks through the same alignment as the trainer: the mean mask weight per completion
+    token that `alignment.token_masks` gives on pairs equals what the trainer logs (mask/mean_*) on the same pairs."""
+    from tokenpo.training import TrainConfig, evaluate_pairs
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64,
+                                       bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
+    pairs = [{"prompt": "The flight was", "chosen": " great, I loved it", "rejected": " late and bad"},
+             {"prompt": "My phone", "chosen": " works", "rejected": " broke again today, sadly"},
+             {"prompt": "Service", "chosen": " was friendly and quick", "rejected": " was rude"}]
+    tokenized = tokenize_pairs(pairs, tokenizer, max_length=64)
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    masks = SparsePOMasks.from_model_config(model.config, mode="independent", mixer_init=1.0)
+    with torch.no_grad():                              # a mask that varies from token to token
+        for net in (masks.rw_mask, masks.kl_mask):
+            net.layer_norm.weight.uniform_(0.5, 1.5)
+    logged = evaluate_pairs(model, model, tokenized, TrainConfig(method="sparsepo", hparams={"common": False},
+                                                                 batch_size=len(pairs)),
+                            collator=collator, providers=[masks])
+    states = alignment.ReferenceStates(model, tokenized, collator, batch_size=2)
+    for kind in ("reward", "kl"):
+        weights = alignment.token_masks(states, kind, masks=masks)
+        for side in ("chosen", "rejected"):
+            analysed = np.mean([w.mean() for w in weights[side]])
+            assert analysed == pytest.approx(logged[f"mask/mean_{kind}_{side}"], rel=1e-5), (kind, side)
+            assert np.std(np.concatenate(weights[side])) > 1e-3
+
+
 # ------------------------------------------------------------------------------------------------------ sweep
 def test_sweep_specs_and_mask_settings():
     cfg = get_profile("cpu").sentiment

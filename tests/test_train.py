@@ -449,3 +449,12 @@ def test_sft_lowers_the_heldout_loss_and_text_pairs_train_end_to_end(tokenizer, 
                    tokenizer=tokenizer)  # default collator: PreferenceCollator(tokenizer.pad_token_id)
     assert result.history[-1]["rewards/margins"] > 0
     assert (result.final_dir / "tokenizer.json").exists() and (result.final_dir / "config.json").exists()
+
+
+def test_confpo_trains_through_the_registry_alone(tmp_path):
+    """ConfPO was added as an objective, a registry entry and a provider, with no trainer change: it trains, uses
+    no reference model, and selects a strict subset of the tokens."""
+    rows = helper.run(tmp_path, method="confpo", max_steps=4).history
+    assert all(math.isfinite(r["loss"]) for r in rows) and "kl/chosen" not in rows[0]
+    assert 0.0 < rows[0]["mask/sparsity_reward_chosen"] < 1.0
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]

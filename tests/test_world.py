@@ -136,3 +136,37 @@ def test_summary_validation_names_the_bad_key():
         validate_summary({k: v for k, v in good.items() if k != "seed"})
     with pytest.raises(ValueError, match="headline 'a'"):
         validate_summary({**good, "headline": {"a": [1]}})
+
+
+def _build_slowly(folder, marker):
+    import time
+
+    time.sleep(0.5)                                  # long enough for every builder to be inside build() at once
+    (folder / "value.txt").write_text(marker)
+
+
+def _concurrent_builder(root, marker):
+    from tokenpo.cache import cached_step
+
+    folder = cached_step("race", {"same": "inputs"}, lambda f: _build_slowly(f, marker), root=root)
+    return (folder / "value.txt").read_text()
+
+
+@pytest.mark.parametrize("builders", [2, 6])
+def test_concurrent_builders_of_one_step_finish_with_one_valid_entry(tmp_path, builders):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(builders) as pool:
+        seen = pool.starmap(_concurrent_builder, [(str(tmp_path), f"builder {i}") for i in range(builders)])
+    entries = [p for p in (tmp_path / "race").iterdir()]
+    assert len(entries) == 1 and (entries[0] / ".complete.json").exists()   # no temporary folders left either
+    assert len(set(seen)) == 1 and seen[0] == (entries[0] / "value.txt").read_text()
+
+
+def test_code_fingerprint_follows_the_source(tmp_path):
+    from tokenpo.cache import TRAINING_CODE, code_fingerprint
+
+    assert code_fingerprint(*TRAINING_CODE) == code_fingerprint(*TRAINING_CODE)
+    assert code_fingerprint("tokens.py") != code_fingerprint("objectives.py")
+    with pytest.raises(ValueError, match="no source"):
+        code_fingerprint("nothing_here.py")

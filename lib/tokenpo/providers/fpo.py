@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from tokenpo.cache import atomic_write_bytes
 from tokenpo.tokens import align_to_labels, completion_logps, label_mask
+from tokenpo.utils import unwrap_model
 
-from .activations import capture_sites, unwrap_model
+from .activations import capture_sites
 from .base import Needs, Provider, StepContext, split_pairs
 from .sae import SparseAutoencoder
 

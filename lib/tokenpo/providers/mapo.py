@@ -12,7 +12,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .activations import HOOK_TYPES, token_statistics, unwrap_model
+from tokenpo.utils import unwrap_model
+
+from .activations import HOOK_TYPES, token_statistics
 from .base import Needs, Provider, StepContext, split_pairs
 
 MAPPINGS = ("zn_rescale", "sigmoid", "layernorm", "none")

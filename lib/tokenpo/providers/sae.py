@@ -14,7 +14,6 @@ cache live in :mod:`tokenpo.providers.fpo`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from contextlib import contextmanager
@@ -27,9 +26,11 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
-from tokenpo.cache import atomic_write_bytes, atomic_write_text
+from tokenpo.cache import atomic_write_bytes, atomic_write_text, weights_fingerprint
 
-from .activations import SITES, capture_sites, unwrap_model
+from tokenpo.utils import unwrap_model
+
+from .activations import SITES, capture_sites
 
 
 @dataclass
@@ -163,12 +164,8 @@ class SparseAutoencoder(nn.Module):
         return sae
 
     def fingerprint(self) -> str:
-        """sha256 (16 hex) of the config and every weight's bytes: ties an FPO cache to the SAE it was built with."""
-        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        """sha256 (16 hex) of the config and every weight: ties an FPO cache to the SAE it was built with."""
+        return weights_fingerprint(self.state_dict(), extra=asdict(self.config))
 
 
 # --------------------------------------------------------------------------------------- activations

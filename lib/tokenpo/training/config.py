@@ -12,6 +12,8 @@ from torch import nn
 from tokenpo.objectives import Objective
 from tokenpo.providers import Provider, default_providers
 
+from tokenpo.utils import is_peft, pad_token_id
+
 from .optim import schedule_factor
 
 
@@ -141,10 +143,6 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
 def apply_lora(policy: nn.Module, lora: Any) -> nn.Module:
     """``get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **lora))``, or ``policy`` when ``lora`` is None."""
     if lora is None:
@@ -168,5 +166,4 @@ def default_collator(tokenizer):
         raise ValueError("pass a collator, or a tokenizer (its pad token id is used by PreferenceCollator)")
     from tokenpo.data.collator import PreferenceCollator
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return PreferenceCollator(pad)
+    return PreferenceCollator(pad_token_id(tokenizer))

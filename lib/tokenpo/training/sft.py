@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tokenpo.utils import set_seed
+from tokenpo.utils import pad_token_id, set_seed
 
 from .checkpoint import EpochSampler
 from .optim import parameter_groups, schedule_factor
@@ -92,11 +92,7 @@ def _token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
 @torch.no_grad()
 def heldout_loss(model, tokenizer, texts: Sequence[str], max_length: int = 128, batch_size: int = 32) -> float:
     """Mean next-token loss (nats per token) of ``model`` on ``texts`` (each followed by EOS)."""
-    return _mean_loss(model, _encode(tokenizer, texts, max_length), _pad_id(tokenizer), batch_size)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _mean_loss(model, _encode(tokenizer, texts, max_length), pad_token_id(tokenizer), batch_size)
 
 
 @torch.no_grad()
@@ -129,7 +125,7 @@ def sft(model, tokenizer, texts: Sequence[str], config: SFTConfig | None = None,
     train_rows = [encoded[i] for i in order[n_heldout:]]
     if not train_rows:
         raise ValueError(f"{len(texts)} texts leave no training text after holding out {n_heldout}")
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     sampler = EpochSampler(len(train_rows), config.seed)
     loader = DataLoader(train_rows, batch_size=config.batch_size, sampler=sampler, collate_fn=_collate(pad_id))

@@ -35,12 +35,11 @@ from tqdm.auto import tqdm
 
 from tokenpo.cache import cache_root
 from tokenpo.objectives import get_objective
-from tokenpo.utils import set_seed
+from tokenpo.utils import is_peft, set_seed
 
 from .checkpoint import (METRICS_FILE, EpochSampler, MetricsLog, latest_checkpoint, load_checkpoint, read_metrics,
                          resume_point, save_checkpoint, save_final, write_config)
-from .config import (TrainConfig, apply_lora, default_collator, disable_dropout, is_peft, objective_hparams,
-                     run_providers)
+from .config import TrainConfig, apply_lora, default_collator, disable_dropout, objective_hparams, run_providers
 from .optim import delayed_factor, parameter_groups, schedule_factor
 from .step import StepPlan, TrainablePolicy, compute_batch, make_plan
 

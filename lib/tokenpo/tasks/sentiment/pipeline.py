@@ -2,14 +2,13 @@
 from it. Each stage is a content-addressed `cached_step`: a rerun with the same inputs loads in seconds."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from tokenpo.cache import cached_step, content_hash
+from tokenpo.cache import cached_step, content_hash, weights_fingerprint
 from tokenpo.models import load_model, load_tokenizer
 from tokenpo.training.sft import SFTConfig, sft
 
@@ -19,13 +18,8 @@ PIPELINE_VERSION = 1
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer (names, shapes, values): the identity of a model's weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The identity of a model's weights (see :func:`tokenpo.cache.weights_fingerprint`)."""
+    return weights_fingerprint(model.state_dict())
 
 
 def reference_model(base_tokenizer, base_model, texts: Sequence[str], config: SFTConfig):

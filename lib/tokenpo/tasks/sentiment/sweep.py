@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from tokenpo.cache import cached_step, content_hash
+from tokenpo.cache import TRAINING_CODE, cached_step, code_fingerprint, content_hash
 from tokenpo.profiles import SentimentConfig
 from tokenpo.training import TrainConfig, train
 
@@ -138,6 +138,12 @@ class _CheckpointCallback:
             self.eval_seconds += time.perf_counter() - start
 
 
+def pairs_fingerprint(pairs) -> str:
+    """The identity of tokenised pairs: a hash of every row's token ids (and per-token columns)."""
+    keys = sorted(k for k in pairs[0] if k.endswith("_ids") or k == "swapped")
+    return content_hash([[list(row[k]) for k in keys] for row in pairs])
+
+
 def _mask_provider(providers):
     """The SparsePO mask networks among a run's providers, or None."""
     from tokenpo.providers import SparsePOMasks
@@ -191,7 +197,8 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
     settings = {k: getattr(probe, k) for k in probe.__dataclass_fields__ if k not in ("out_dir", "progress", "providers")}
     settings["providers"] = [p.settings() for p in probe.providers or []]
     inputs = {"kind": "sentiment-run", "version": SWEEP_VERSION, "spec": asdict(spec), "train": settings,
-              "eval_steps": sorted(eval_steps), **identity}
+              "eval_steps": sorted(eval_steps), **identity, "pairs": pairs_fingerprint(pairs),
+              "code": code_fingerprint(*TRAINING_CODE)}
 
     def build(folder: Path) -> None:
         callback = _CheckpointCallback(evaluator, eval_steps)
