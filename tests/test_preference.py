@@ -119,7 +119,8 @@ def test_every_bad_row_kind_is_reported_with_index_and_reason(tokenizer):
 
     with pytest.raises(ValueError, match=r"7 of 9 rows are bad: row 1 \[rejected\]: missing column; row 2"):
         load_preference_dataset(rows)
-    kept = load_preference_dataset(rows, on_bad_rows="drop")
+    with pytest.warns(UserWarning, match="dropped 7 of 9 rows"):
+        kept = load_preference_dataset(rows, on_bad_rows="drop")
     assert kept.to_list() == [ROWS[0], ROWS[1]]
 
 
@@ -138,7 +139,8 @@ def test_prompt_length_problems_need_the_tokenizer(tokenizer):
     # tokenize_pairs: the same rows are bad when prompts may not be truncated ...
     with pytest.raises(ValueError, match=r"row 1 \[prompt\]: prompt has \d+ tokens > max_prompt_length=10"):
         tokenize_pairs(rows[:3], tokenizer, max_prompt_length=10, truncation=None)
-    dropped = tokenize_pairs(rows[:3], tokenizer, max_prompt_length=10, truncation=None, on_bad_rows="drop")
+    with pytest.warns(UserWarning, match="dropped 1 of 3 rows"):
+        dropped = tokenize_pairs(rows[:3], tokenizer, max_prompt_length=10, truncation=None, on_bad_rows="drop")
     assert dropped["row_index"] == [0, 2]
     # ... and fine when they are
     kept = tokenize_pairs(rows[:3], tokenizer, max_prompt_length=10, truncation="keep_end")
@@ -279,6 +281,7 @@ def test_dropped_rows_are_reported_and_the_full_report_is_kept(tokenizer, tmp_pa
     rows = [ROWS[0], {"prompt": "x", "chosen": "a"}, ROWS[1], {"prompt": "x", "chosen": "same", "rejected": "same"}]
     with pytest.warns(BadRowsWarning, match=r"load_preference_dataset: dropped 2 of 4 rows: row 1 \[rejected\]: "
                                             r"missing column; row 3 \[rejected\]: identical to chosen"):
+        with pytest.warns(UserWarning, match="dropped 7 of 9 rows"):
         kept = load_preference_dataset(rows, on_bad_rows="drop")
     assert kept.to_list() == [ROWS[0], ROWS[1]]
     report = last_bad_rows()
@@ -288,7 +291,8 @@ def test_dropped_rows_are_reported_and_the_full_report_is_kept(tokenizer, tmp_pa
     # a later stage has its own report; the earlier one stays retrievable by name
     long_prompt = "The movie was great and the acting was wonderful. " * 3
     with pytest.warns(BadRowsWarning, match=r"tokenize_pairs: dropped 1 of 3 rows: row 1 \[prompt\]"):
-        tokenize_pairs([ROWS[0], {"prompt": long_prompt, "chosen": " a", "rejected": " b"}, ROWS[2]], tokenizer,
+        tokenize_pairs(datasets.Dataset.from_list([ROWS[0], {"prompt": long_prompt, "chosen": " a", "rejected": " b"},
+                                                   ROWS[2]]), tokenizer,
                        max_prompt_length=10, truncation=None, on_bad_rows="drop")
     assert [b.index for b in last_bad_rows()] == [1] and last_bad_rows().stage == "tokenize_pairs"
     assert [b.index for b in last_bad_rows("load_preference_dataset")] == [1, 3]
@@ -373,19 +377,20 @@ def test_implicit_prompt_text_is_accepted_as_trl_does():
     # TRL's rule: the shared prefix, minus a trailing space (which goes to the completions)
     assert ds.to_list() == [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
                             {"prompt": "Paris is in", "chosen": " France.", "rejected": " Texas."}]
-    assert [str(b) for b in validate_rows([{"chosen": "abc", "rejected": "xyz"}])] == [
-        "row 0 [prompt]: no shared prompt: chosen and rejected differ from their first character/message "
-        "(implicit-prompt format)"]
+    for chosen, rejected in (("abc", "xyz"), (" a", " b")):  # nothing shared (TRL moves a final space out)
+        [problem] = validate_rows([{"chosen": chosen, "rejected": rejected}])
+        assert str(problem).startswith("row 0 [prompt]: no shared prompt: chosen and rejected share no beginning")
 
 
 def test_sequences_longer_than_the_model_context_are_bad_rows(tokenizer):
     long_prompt = "The movie was great and the acting was wonderful. " * 3
     rows = [ROWS[0], {"prompt": long_prompt, "chosen": " yes", "rejected": " no"}, ROWS[2]]
-    n = len(tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
+    n = len(tokenizer(long_prompt, add_special_tokens=False)["input_ids"]) + 1  # the prompt fits, no completion
+    yes = len(tokenizer(" yes", add_special_tokens=False)["input_ids"]) + 1
     short = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>",
                                     model_max_length=n)
     with pytest.raises(ValueError, match=rf"tokenize_pairs: 1 of 3 rows are bad: row 1 \[chosen\]: prompt \+ chosen "
-                                         rf"has {n + 2} tokens > model_max_length={n}"):
+                                         rf"has {n - 1 + yes} tokens > model_max_length={n}"):
         tokenize_pairs(rows, short)
     # the tokenizer's model_max_length is a placeholder here: the model's context is passed explicitly
     with pytest.raises(ValueError, match=rf"row 1 \[chosen\]: .* > model_max_length={n}"):
@@ -393,7 +398,7 @@ def test_sequences_longer_than_the_model_context_are_bad_rows(tokenizer):
     with pytest.warns(UserWarning, match="dropped 1 of 3"):
         assert tokenize_pairs(rows, tokenizer, model_max_length=n, on_bad_rows="drop")["row_index"] == [0, 2]
     # with max_length (completions cut to fit) nothing is bad, but max_length may not exceed the context
-    assert len(tokenize_pairs(rows, short, max_length=n)) == 3
+    assert tokenize_pairs(rows, short, max_length=n)["truncated_completion"] == [False, True, False]
     with pytest.raises(ValueError, match=rf"max_length={n + 1} exceeds model_max_length={n}"):
         tokenize_pairs(rows, short, max_length=n + 1)
 

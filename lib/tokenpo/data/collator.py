@@ -35,6 +35,7 @@ class PreferenceCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("PreferenceCollator got an empty batch")
+        _check_tokenised(features)
         sides = {}
         for side in ("chosen", "rejected"):
             sides[side] = [(_as_list(f["prompt_ids"]), _as_list(f[f"{side}_ids"])) for f in features]
@@ -73,6 +74,24 @@ class PreferenceCollator:
             for side in sides:
                 batch[f"{side}_{key}"] = _token_column(features, side, key, length)
         return batch
+
+
+_ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def _check_tokenised(features: Sequence[Any]) -> None:
+    """Rows must be `tokenize_pairs` output; raw prompt/chosen/rejected rows get told so instead of a KeyError."""
+    for b, f in enumerate(features):
+        if not isinstance(f, Mapping):
+            raise ValueError(f"PreferenceCollator: batch item {b} is a {type(f).__name__}, not a tokenised pair; "
+                             "call tokenpo.data.preference.tokenize_pairs(dataset, tokenizer) first")
+        missing = [k for k in _ID_COLUMNS if k not in f]
+        if missing:
+            row = f" (row_index {f['row_index']})" if "row_index" in f else ""
+            raw = " — they look like untokenised text rows" if any(k in f for k in ("prompt", "chosen")) else ""
+            raise ValueError(f"PreferenceCollator: batch item {b}{row} has no {', '.join(missing)} (it has "
+                             f"{', '.join(map(str, f))}){raw}: call tokenpo.data.preference.tokenize_pairs(dataset, "
+                             "tokenizer) first and train on its output")
 
 
 def _token_column(features: Sequence[Mapping[str, Any]], side: str, key: str, length: int) -> torch.Tensor:

@@ -2,14 +2,43 @@
 
 A preference dataset is a 🤗 `datasets.Dataset` with the columns `prompt`, `chosen`, `rejected` (other columns are
 kept). Each of the three is either plain text or a conversation: a list of `{"role", "content"}` messages. A whole
-dataset is one or the other.
+dataset is one or the other. Roles are TRL's: system, user, assistant, tool; `chosen` and `rejected` hold assistant
+turns only (the prompt holds the rest).
+
+TRL's implicit-prompt format is accepted too: no `prompt` column, `chosen` and `rejected` hold the whole text or
+conversation and the prompt is their shared beginning. It is split off by the rule of TRL's
+`trl.data_utils.extract_prompt` (see `extract_prompt`), on loading and in `tokenize_pairs`.
+
+Files (`load_preference_dataset`, `save_preference_dataset`): `.jsonl` is JSON lines (one row object per line,
+split at "\\n" only); `.json` is a JSON array of rows, an object of columns (`{"prompt": [...], "chosen": [...],
+...}`, each a list with one entry per row; also under a top-level "data" key), a single row object (one row: each
+of prompt/chosen/rejected a string or a list of messages), or JSON lines (what `save_preference_dataset` writes, as
+🤗 `to_json` does). Files must be UTF-8 (a byte-order mark is allowed); a byte that is not is reported with the
+file, line and byte offset. Rows may have different keys: every column seen in any row is kept (None where a row
+lacks it). `save_preference_dataset` escapes U+0085, U+2028 and U+2029 so that any string reads back exactly, also
+with readers that split lines at them.
+
+Bad rows (see `validate_rows`: missing column, wrong type, empty completion, text and conversation mixed, unknown
+role, a completion turn that is not the assistant's, chosen identical to rejected, a row repeating an earlier one,
+too many tokens, a token id outside the vocabulary) make `load_preference_dataset` and `tokenize_pairs` raise a
+ValueError naming them (`on_bad_rows="raise"`, the default; file rows also by line) or, with `on_bad_rows="drop"`,
+leave them out with a `BadRowsWarning` giving the count and the first few. The full list of the latest call is
+`last_bad_rows()` (of the latest call of a given function: `last_bad_rows("load_preference_dataset")`,
+`last_bad_rows("tokenize_pairs")`), a `BadRowReport`: a list of `BadRow` with `stage`, `total`, `source`. A run keeps
+it next to its outputs with `save`, e.g.::
+
+    pairs = tokenize_pairs(load_preference_dataset("pairs.jsonl", on_bad_rows="drop"), tok, max_length=512,
+                           on_bad_rows="drop")
+    for stage in ("load_preference_dataset", "tokenize_pairs"):
+        last_bad_rows(stage).save("runs/sparsepo/bad_rows.jsonl", append=True)  # one JSON object per bad row
 
 Tokenisation (`tokenize_pairs`) follows TRL's DPOTrainer `tokenize_row` (TRL 0.12-0.28): prompt and completions are
 tokenised **separately** (no special tokens) and their ids concatenated, so the completion is exactly what follows
 the prompt's tokens; an EOS token is appended to each completion. (TRL >= 1.0 tokenises prompt+completion jointly and
 splits at the prompt's length; the two agree whenever the tokenizer does not merge across the prompt/completion
 boundary — e.g. a prompt ending in a space followed by a completion starting with a word does differ under BPE,
-which is why we keep the separate convention: the completion mask never depends on the prompt.)
+which is why we keep the separate convention: the completion mask never depends on the prompt.) It runs through
+`datasets.Dataset.map` (batched, with a progress bar; cached next to the data when the dataset is file-backed).
 
 Conversations are rendered to text first: with the tokenizer's chat template if it has one (prompt with the
 generation prompt, completion = the templated prompt+completion minus the templated prompt, as TRL does), else with
@@ -23,23 +52,33 @@ Truncation is explicit and recorded per row:
 * `max_length`: each completion is cut at its end so that prompt + completion fits (the prompt is never cut here).
   Columns `truncated_chosen`, `truncated_rejected`, `truncated_completion` (either). A prompt that leaves no room
   for a single completion token is a bad row (TRL drops those rows too).
+* Without `max_length` nothing is cut to the model's context, so a prompt + completion longer than
+  `model_max_length` (the argument, else the tokenizer's when it is set) is a bad row; so is a token id
+  >= `vocab_size` (the argument — the model's embedding rows — else `len(tokenizer)`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .collator import PreferenceCollator  # noqa: F401  (part of this module's API)
 
 COLUMNS = ("prompt", "chosen", "rejected")
+ROLES = ("system", "user", "assistant", "tool")  # the roles of TRL's conversational format
 TRUNCATION_MODES = ("keep_start", "keep_end", None)
 ON_BAD_ROWS = ("raise", "drop")
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "truncated_prompt", "truncated_chosen",
+                 "truncated_rejected", "truncated_completion")
 _SHOWN_BAD_ROWS = 5
+_UNSET_MODEL_MAX_LENGTH = 10 ** 12  # transformers' placeholder when a tokenizer does not know its context is 1e30
 
 
 @dataclass(frozen=True)
@@ -47,9 +86,54 @@ class BadRow:
     index: int          # position of the row in the dataset that was checked
     column: str | None  # the column at fault (None when the row itself is not a mapping)
     reason: str
+    line: int | None = field(default=None, compare=False)  # line of a JSON lines file the row came from
 
     def __str__(self) -> str:
-        return f"row {self.index}" + (f" [{self.column}]" if self.column else "") + f": {self.reason}"
+        return (f"row {self.index}" + (f" (line {self.line})" if self.line is not None else "")
+                + (f" [{self.column}]" if self.column else "") + f": {self.reason}")
+
+
+class BadRowsWarning(UserWarning):
+    """Rows were left out (`on_bad_rows="drop"`); the full list is `last_bad_rows()`."""
+
+
+class BadRowReport(list):
+    """The bad rows (`BadRow`) one call found: `stage` (the function), `total` (rows checked), `source` (file)."""
+
+    def __init__(self, rows: Iterable[BadRow] = (), stage: str = "", total: int = 0, source: str | None = None):
+        super().__init__(rows)
+        self.stage, self.total, self.source = stage, total, source
+
+    @property
+    def indices(self) -> list[int]:
+        return sorted({b.index for b in self})
+
+    def summary(self, shown: int = _SHOWN_BAD_ROWS) -> str:
+        more = f" (and {len(self) - shown} more problems)" if len(self) > shown else ""
+        return "; ".join(str(b) for b in self[:shown]) + more
+
+    def save(self, path, append: bool = False) -> Path:
+        """Write the report as JSON lines (stage, index, column, reason; line and source when known)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a" if append else "w", encoding="utf-8") as f:
+            for b in self:
+                record = {"stage": self.stage, "index": b.index, "column": b.column, "reason": b.reason}
+                if b.line is not None:
+                    record["line"] = b.line
+                if self.source is not None:
+                    record["source"] = self.source
+                f.write(_json_line(record) + "\n")
+        return path
+
+
+_REPORTS: dict[str | None, BadRowReport] = {}
+
+
+def last_bad_rows(stage: str | None = None) -> BadRowReport:
+    """The bad rows found by the latest `load_preference_dataset` / `tokenize_pairs` call (`stage=None`) or by the
+    latest call of the function named `stage`; empty if that call found none (or there was no call)."""
+    return _REPORTS.get(stage, BadRowReport(stage=stage or ""))
 
 
 # ----------------------------------------------------------------------------------------------------- validation
@@ -75,12 +159,32 @@ def _is_empty(value: Any) -> bool:
     return all(not m["content"].strip() for m in value)
 
 
-def _structural_problems(row: Any, index: int, dataset_kind: str | None) -> list[BadRow]:
+def _role_problems(row: Mapping[str, Any], index: int) -> list[BadRow]:
+    problems = []
+    for column in COLUMNS:
+        for j, message in enumerate(row[column]):
+            role = message["role"]
+            if role not in ROLES:
+                problems.append(BadRow(index, column, f"message {j} has role {role!r}; roles are "
+                                                      f"{', '.join(ROLES)} (as in TRL)"))
+            elif column != "prompt" and role != "assistant":
+                hint = ""
+                if list(row[column][:len(row["prompt"])]) == list(row["prompt"]):
+                    hint = (f" ({column} repeats the prompt: in TRL's implicit-prompt format there is no prompt "
+                            "column)")
+                problems.append(BadRow(index, column, f"message {j} has role {role!r}: {column} must hold "
+                                                      f"assistant turns only{hint}"))
+                break
+    return problems
+
+
+def _structural_problems(row: Any, index: int, dataset_kind: str | None,
+                         columns: Sequence[str] = COLUMNS) -> list[BadRow]:
     if not isinstance(row, Mapping):
         return [BadRow(index, None, f"row is a {type(row).__name__}, not a mapping with prompt/chosen/rejected")]
     problems = []
     kinds = {}
-    for column in COLUMNS:
+    for column in columns:
         if column not in row or row[column] is None:
             problems.append(BadRow(index, column, "missing column"))
             continue
@@ -97,18 +201,100 @@ def _structural_problems(row: Any, index: int, dataset_kind: str | None) -> list
     if len(set(kinds.values())) > 1:
         return [BadRow(index, None, "mixes text and conversational columns: " + ", ".join(
             f"{c}={k}" for c, k in kinds.items()))]
-    if dataset_kind is not None and kinds["prompt"] != dataset_kind:
-        return [BadRow(index, None, f"{kinds['prompt']} row in a {dataset_kind} dataset")]
+    row_kind = next(iter(kinds.values()))
+    if dataset_kind is not None and row_kind != dataset_kind:
+        return [BadRow(index, None, f"{row_kind} row in a {dataset_kind} dataset")]
+    if "prompt" not in columns:
+        return []
+    if row_kind == "conversation":
+        problems = _role_problems(row, index)
+        if problems:
+            return problems
     if row["chosen"] == row["rejected"]:
         return [BadRow(index, "rejected", "identical to chosen")]
     return []
 
 
-def _dataset_kind(rows: Sequence[Any]) -> str | None:
+def extract_prompt(chosen, rejected):
+    """(prompt, chosen, rejected) of an implicit-prompt pair, by the rule of TRL's `trl.data_utils.extract_prompt`
+    (its `_extract_prompt`; TRL is not a dependency): the prompt is the longest shared beginning of `chosen` and
+    `rejected` (characters of a text, messages of a conversation), less a text's final space, which goes to the
+    completions ("The sky is blue." / "The sky is green." -> "The sky is", " blue.", " green."). As in TRL, when
+    one side is a beginning of the other the prompt stops one element short of the shorter side. None when there is
+    no shared beginning (TRL would take a meaningless prompt there)."""
+    n = min(len(chosen), len(rejected))
+    if n == 0:
+        return None
+    idx = n - 1  # TRL's loop variable when no element differs
+    for i in range(n):
+        if chosen[i] != rejected[i]:
+            idx = i
+            if i > 0 and chosen[i - 1] == " ":
+                idx -= 1
+            break
+    if idx <= 0:
+        return None
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+_NO_SHARED_PROMPT = ("no shared prompt: chosen and rejected share no beginning to use as the prompt "
+                     "(implicit-prompt format: the prompt is their shared beginning, as in TRL's extract_prompt)")
+
+
+def _explicit_row(row: Any, index: int, dataset_kind: str | None, implicit: bool) -> tuple[Any, list[BadRow]]:
+    """The row with a prompt column (split off when `implicit`) and its structural problems."""
+    if not implicit or not isinstance(row, Mapping):
+        return row, _structural_problems(row, index, dataset_kind)
+    problems = _structural_problems(row, index, dataset_kind, columns=("chosen", "rejected"))
+    if problems:
+        return row, problems
+    split = extract_prompt(list(row["chosen"]) if not isinstance(row["chosen"], str) else row["chosen"],
+                           list(row["rejected"]) if not isinstance(row["rejected"], str) else row["rejected"])
+    if split is None:
+        return row, [BadRow(index, "prompt", _NO_SHARED_PROMPT)]
+    explicit = {"prompt": split[0], "chosen": split[1], "rejected": split[2],
+                **{k: v for k, v in row.items() if k not in COLUMNS}}
+    return explicit, _structural_problems(explicit, index, dataset_kind)
+
+
+def _is_implicit(dataset) -> bool:
+    """TRL's implicit-prompt format: no row has a prompt (a Dataset: no prompt column), rows have chosen."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        return "prompt" not in dataset.column_names and "chosen" in dataset.column_names
+    rows = [r for r in dataset if isinstance(r, Mapping)]
+    return bool(rows) and not any("prompt" in r for r in rows) and any("chosen" in r for r in rows)
+
+
+def _dataset_kind(rows: Iterable[Any], implicit: bool = False) -> str | None:
+    column = "chosen" if implicit else "prompt"
     for row in rows:
-        if isinstance(row, Mapping) and _kind(row.get("prompt")) is not None:
-            return _kind(row["prompt"])
+        if isinstance(row, Mapping) and _kind(row.get(column)) is not None:
+            return _kind(row[column])
     return None
+
+
+def _row_key(row: Mapping[str, Any]) -> str:
+    """A digest of prompt/chosen/rejected (messages without their None fields) to find repeated rows."""
+    def plain(value):
+        return value if isinstance(value, str) else [{k: v for k, v in m.items() if v is not None} for m in value]
+    text = json.dumps([plain(row[c]) for c in COLUMNS], sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _duplicates(keys: Iterable[str | None]) -> list[BadRow]:
+    """Rows whose key (None: not checked) repeats an earlier row's: "duplicate of row N" (N its first occurrence)."""
+    first: dict[str, int] = {}
+    bad = []
+    for i, key in enumerate(keys):
+        if not key:
+            continue
+        if key in first:
+            bad.append(BadRow(i, None, f"duplicate of row {first[key]}"))
+        else:
+            first[key] = i
+    return bad
 
 
 def validate_rows(dataset, tokenizer=None, max_prompt_length: int | None = None,
@@ -116,23 +302,32 @@ def validate_rows(dataset, tokenizer=None, max_prompt_length: int | None = None,
     """Every bad row of `dataset` (a Dataset or a list of dicts), with its index and reason.
 
     Without a tokenizer: missing column, wrong type (not text / not a list of {role, content} messages), empty
-    completion, text and conversation mixed, chosen identical to rejected. With a tokenizer also: a prompt longer
-    than `max_prompt_length` tokens, a prompt leaving no room for a completion token within `max_length`, and a
-    prompt of zero tokens (the first completion token would have nothing to be predicted from).
+    completion, text and conversation mixed, a role other than system/user/assistant/tool, a chosen or rejected
+    message that is not the assistant's, chosen identical to rejected, a row repeating an earlier one's
+    prompt/chosen/rejected ("duplicate of row N"), and in the implicit-prompt format (no prompt column) chosen and
+    rejected without a shared beginning. With a tokenizer also: a prompt longer than `max_prompt_length` tokens, a
+    prompt leaving no room for a completion token within `max_length`, and a prompt of zero tokens (the first
+    completion token would have nothing to be predicted from).
     """
-    rows = list(dataset)
-    kind = _dataset_kind(rows)
+    rows = dataset if hasattr(dataset, "column_names") else list(dataset)
+    implicit = _is_implicit(rows)
+    kind = _dataset_kind(rows, implicit)
     bad: list[BadRow] = []
-    good: list[int] = []
-    for i, row in enumerate(rows):
-        found = _structural_problems(row, i, kind)
+    keys: list[str | None] = []
+    prompts: list[tuple[int, str]] = []
+    for i, raw in enumerate(rows):
+        row, found = _explicit_row(raw, i, kind, implicit)
         bad.extend(found)
-        if not found:
-            good.append(i)
-    if tokenizer is not None and good:
-        prompts = [render_pair(rows[i], tokenizer)["prompt"] for i in good]
-        lengths = [len(ids) for ids in _encode(tokenizer, prompts, prompt=True)]
-        for i, n in zip(good, lengths):
+        keys.append(None if found else _row_key(row))
+        if not found and tokenizer is not None:
+            prompts.append((i, render_pair(row, tokenizer)["prompt"]))
+    duplicates = _duplicates(keys)
+    bad.extend(duplicates)
+    if prompts:
+        repeated = {b.index for b in duplicates}
+        prompts = [(i, p) for i, p in prompts if i not in repeated]
+        lengths = [len(ids) for ids in _encode(tokenizer, [p for _, p in prompts], prompt=True)]
+        for (i, _), n in zip(prompts, lengths):
             reason = _prompt_length_problem(n, max_prompt_length, max_length, truncation=None)
             if reason:
                 bad.append(BadRow(i, "prompt", reason))
@@ -151,54 +346,142 @@ def _prompt_length_problem(n: int, max_prompt_length: int | None, max_length: in
     return None
 
 
-def _handle_bad_rows(bad: list[BadRow], on_bad_rows: str, total: int, what: str) -> set[int]:
+def _handle_bad_rows(bad: list[BadRow], on_bad_rows: str, total: int, stage: str,
+                     source: str | None = None) -> set[int]:
+    """Record the report (`last_bad_rows`), then raise naming the bad rows or warn that they are left out."""
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
-    if bad and on_bad_rows == "raise":
-        rows = sorted({b.index for b in bad})
-        shown = "; ".join(str(b) for b in bad[:_SHOWN_BAD_ROWS])
-        more = f" (and {len(bad) - _SHOWN_BAD_ROWS} more problems)" if len(bad) > _SHOWN_BAD_ROWS else ""
-        raise ValueError(f"{what}: {len(rows)} of {total} rows are bad: {shown}{more}. "
+    report = BadRowReport(sorted(bad, key=lambda b: b.index), stage, total, source)
+    _REPORTS[stage] = _REPORTS[None] = report
+    if not report:
+        return set()
+    where = stage + (f" {source}" if source else "")
+    if on_bad_rows == "raise":
+        raise ValueError(f"{where}: {len(report.indices)} of {total} rows are bad: {report.summary()}. "
                          "Fix them, or pass on_bad_rows='drop' to leave them out.")
-    return {b.index for b in bad}
+    warnings.warn(f"{where}: dropped {len(report.indices)} of {total} rows: {report.summary()}. The full list: "
+                  f"tokenpo.data.preference.last_bad_rows({stage!r}) (its .save(path) writes it as JSON lines).",
+                  BadRowsWarning, stacklevel=3)
+    return set(report.indices)
 
 
 # -------------------------------------------------------------------------------------------------- loading/saving
 
-def _read_json_rows(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+_ESCAPED_IN_FILES = re.compile("[\x85\u2028\u2029\ud800-\udfff]")
+
+
+def _json_line(value: Any) -> str:
+    """One line of JSON: as `json.dumps(ensure_ascii=False)`, with U+0085, U+2028, U+2029 (line breaks to
+    `str.splitlines` and other readers) and lone surrogates (not UTF-8 encodable) written as \\u escapes."""
+    return _ESCAPED_IN_FILES.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = exc.start
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise ValueError(f"{path}: line {line}, byte offset {start} (0x{data[start]:02x}): not valid UTF-8 "
+                         f"({exc.reason}, byte {column} of the line); preference files must be UTF-8 — re-encode "
+                         "it, e.g. `iconv -f latin1 -t utf-8`") from None
+    return text[1:] if text.startswith("\ufeff") else text  # a UTF-8 byte-order mark
+
+
+def _json_lines(text: str, path: Path) -> tuple[list[Any], list[int]]:
+    """Rows and their line numbers; lines end at "\\n" only (never at U+2028 & co, which JSON strings may hold)."""
+    rows, lines = [], []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip(" \t\r"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {number} is not valid JSON: {exc}") from None
+            lines.append(number)
+    return rows, lines
+
+
+def _is_row_object(data: Mapping[str, Any]) -> bool:
+    present = [data[c] for c in COLUMNS if c in data]
+    return bool(present) and all(isinstance(v, str) or (isinstance(v, list) and v and all(
+        isinstance(m, Mapping) for m in v)) for v in present)
+
+
+def _is_column_object(data: Mapping[str, Any]) -> bool:
+    return bool(data) and all(isinstance(v, list) for v in data.values()) and not any(
+        isinstance(x, Mapping) for c in COLUMNS for x in data.get(c, ()))
+
+
+def _read_json_rows(path: Path) -> tuple[list[Any], list[int] | None]:
+    """The rows of a .json/.jsonl file and, for JSON lines, each row's line number."""
+    text = _read_text(path)
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: line {number} is not valid JSON: {exc}") from None
-        return rows
-    data = json.loads(text)
-    if isinstance(data, Mapping) and "data" in data:
+        return _json_lines(text, path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON lines in a .json file (as save_preference_dataset and 🤗 to_json write)
+            return _json_lines(text, path)
+        raise ValueError(f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON: {exc.msg}") from None
+    if isinstance(data, Mapping) and "data" in data and not any(c in data for c in COLUMNS):
         data = data["data"]
-    if isinstance(data, Mapping):  # column-oriented {"prompt": [...], "chosen": [...], ...}
+    if isinstance(data, Mapping):
+        if _is_row_object(data):  # a single row object is one row
+            return [dict(data)], None
+        if not _is_column_object(data):
+            raise ValueError(f"{path}: a JSON object must be one row (prompt, chosen, rejected each a string or a "
+                             "list of messages) or columns (each value a list with one entry per row); got "
+                             + ", ".join(f"{k}={type(v).__name__}" for k, v in data.items()))
         lengths = {len(v) for v in data.values()}
         if len(lengths) != 1:
             raise ValueError(f"{path}: columns have different lengths {sorted(lengths)}")
-        return [dict(zip(data, values)) for values in zip(*data.values())]
+        return [dict(zip(data, values)) for values in zip(*data.values())], None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of rows, got {type(data).__name__}")
-    return data
+    return data, None
+
+
+def _dataset_from_rows(rows: Sequence[Mapping[str, Any]], where: str):
+    """A Dataset with every key of any row as a column (first-seen order, prompt/chosen/rejected first; None where a
+    row lacks a key), or an error naming the column whose rows hold different types."""
+    import datasets
+
+    keys = dict.fromkeys(c for c in COLUMNS if any(c in r for r in rows))
+    keys.update(dict.fromkeys(k for r in rows for k in r))
+    columns = {k: [r.get(k) for r in rows] for k in keys}
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except Exception as exc:  # pyarrow's type errors, not UTF-8 encodable strings, ...
+        for name, values in columns.items():
+            types: dict[str, list[int]] = {}
+            for i, v in enumerate(values):
+                if v is not None:
+                    kind = "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+                    types.setdefault(kind, []).append(i)
+            if len(types) > 1:
+                raise ValueError(f"{where}: column {name!r} holds different types: " + "; ".join(
+                    f"{t} in rows {r[:_SHOWN_BAD_ROWS]}{' …' if len(r) > _SHOWN_BAD_ROWS else ''}"
+                    for t, r in types.items())) from exc
+        raise ValueError(f"{where}: cannot build a dataset from these rows: {exc}") from exc
 
 
 def load_preference_dataset(source, *, on_bad_rows: str = "raise", split: str | None = None):
-    """A preference `datasets.Dataset` from a list of dicts, a `.json`/`.jsonl` file, a folder written by
-    `save_to_disk` (a DatasetDict folder needs `split`), or a Dataset. Rows failing the checks of `validate_rows`
-    (without tokenizer) are dropped or raise a ValueError naming them (`on_bad_rows`)."""
+    """A preference `datasets.Dataset` from a list of dicts, a `.json`/`.jsonl` file (formats: module docstring),
+    a folder written by `save_to_disk` (a DatasetDict folder needs `split`), or a Dataset. Rows failing the checks
+    of `validate_rows` (without tokenizer) raise a ValueError naming them (and, in a JSON lines file, their lines)
+    or, with `on_bad_rows="drop"`, are left out with a `BadRowsWarning`; `last_bad_rows()` has the full list.
+    Implicit-prompt rows (no prompt column) come back with their prompt split off (`extract_prompt`)."""
     import datasets
 
+    lines = None
+    source_name = None
     if isinstance(source, datasets.Dataset):
         rows_or_dataset = source
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        source_name = str(path)
         if path.is_dir():
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
@@ -207,7 +490,9 @@ def load_preference_dataset(source, *, on_bad_rows: str = "raise", split: str | 
                 loaded = loaded[split]
             rows_or_dataset = loaded
         elif path.suffix in (".json", ".jsonl"):
-            rows_or_dataset = _read_json_rows(path)
+            if not path.exists():
+                raise ValueError(f"no preference dataset at {path}")
+            rows_or_dataset, lines = _read_json_rows(path)
         elif not path.exists():
             raise ValueError(f"no preference dataset at {path}")
         else:
@@ -218,20 +503,44 @@ def load_preference_dataset(source, *, on_bad_rows: str = "raise", split: str | 
         raise ValueError(f"cannot load a preference dataset from a {type(source).__name__}")
 
     bad = validate_rows(rows_or_dataset)
+    if lines is not None:
+        bad = [replace(b, line=lines[b.index]) for b in bad]
     total = len(rows_or_dataset)
-    drop = _handle_bad_rows(bad, on_bad_rows, total, "preference dataset")
+    drop = _handle_bad_rows(bad, on_bad_rows, total, "load_preference_dataset", source_name)
     keep = [i for i in range(total) if i not in drop]
+    implicit = _is_implicit(rows_or_dataset)
     if isinstance(rows_or_dataset, datasets.Dataset):
-        return rows_or_dataset.select(keep) if drop else rows_or_dataset
+        dataset = rows_or_dataset.select(keep) if drop else rows_or_dataset
+        if implicit and len(dataset):
+            dataset = _split_prompts(dataset)
+        return dataset
     if not keep:
-        raise ValueError("preference dataset: no rows left")
-    return datasets.Dataset.from_list([dict(rows_or_dataset[i]) for i in keep])
+        raise ValueError(f"{source_name or 'preference dataset'}: no rows left")
+    kind = _dataset_kind(rows_or_dataset, implicit)
+    rows = [_explicit_row(rows_or_dataset[i], i, kind, implicit)[0] for i in keep]
+    return _dataset_from_rows(rows, source_name or "preference dataset")
+
+
+def _split_prompts(dataset):
+    """A Dataset in the implicit-prompt format (all rows valid) with its prompt column split off, placed first."""
+    import datasets
+
+    features = datasets.Features({"prompt": dataset.features["chosen"], **dataset.features})
+
+    def split(batch):
+        out = {"prompt": [], "chosen": [], "rejected": []}
+        for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
+            for column, value in zip(out, extract_prompt(chosen, rejected)):
+                out[column].append(value)
+        return out
+
+    return dataset.map(split, batched=True, features=features, desc="extract_prompt")
 
 
 def save_preference_dataset(dataset, path, overwrite: bool = False) -> Path:
-    """Write `dataset` to a `.jsonl`/`.json` file (JSON lines) or, for any other path, a `save_to_disk` folder.
-    Written under a temporary name and renamed, so an interrupted save leaves nothing behind; an existing target
-    is only replaced with `overwrite=True`."""
+    """Write `dataset` to a `.jsonl`/`.json` file (JSON lines, any string read back exactly: see `_json_line`) or,
+    for any other path, a `save_to_disk` folder. Written under a temporary name and renamed, so an interrupted save
+    leaves nothing behind; an existing target is only replaced with `overwrite=True`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists; pass overwrite=True to replace it")
@@ -239,9 +548,9 @@ def save_preference_dataset(dataset, path, overwrite: bool = False) -> Path:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         if path.suffix in (".json", ".jsonl"):
-            with open(tmp, "w", encoding="utf-8") as f:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
                 for row in dataset:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    f.write(_json_line(row) + "\n")
             os.replace(tmp, path)
         else:
             dataset.save_to_disk(str(tmp))
@@ -317,44 +626,48 @@ def _encode(tokenizer, texts: list[str], prompt: bool, add_special_tokens: bool 
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens and prompt)["input_ids"]]
 
 
-def tokenize_pairs(dataset, tokenizer, max_length: int | None = None, max_prompt_length: int | None = None,
-                   truncation: str | None = "keep_start", *, on_bad_rows: str = "raise",
-                   add_special_tokens: bool = False):
-    """Add `prompt_ids`, `chosen_ids`, `rejected_ids` (completion ids end with EOS), `row_index` and the
-    truncation flags to a preference dataset (see the module docstring for the rules).
+def _tokenizer_context(tokenizer) -> int | None:
+    """The tokenizer's `model_max_length`, or None when it is transformers' "unknown" placeholder."""
+    value = getattr(tokenizer, "model_max_length", None)
+    return int(value) if isinstance(value, int) and 0 < value < _UNSET_MODEL_MAX_LENGTH else None
 
-    `row_index` is the row's position in `dataset` (kept if the column already exists), so it stays valid for
-    per-row caches when bad rows are dropped (a list of dicts is loaded first: positions after loading). `add_special_tokens=True` lets the tokenizer add its special tokens
-    (e.g. BOS) to the prompt, as TRL >= 1.0 does; completions never get any besides the appended EOS.
-    """
-    import datasets
 
-    if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
-    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; every completion ends with EOS")
-    if not isinstance(dataset, datasets.Dataset):
-        dataset = load_preference_dataset(dataset, on_bad_rows=on_bad_rows)
-
-    rows = list(dataset)
-    bad = validate_rows(rows)
-    good = [i for i in range(len(rows)) if i not in {b.index for b in bad}]
-    texts = [render_pair(rows[i], tokenizer) for i in good]
-    conversational = bool(good) and not isinstance(rows[good[0]]["prompt"], str)
-    prompt_ids = _encode(tokenizer, [t["prompt"] for t in texts], prompt=True,
-                         add_special_tokens=add_special_tokens and not (conversational and _has_chat_template(tokenizer)))
+def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer, kind: str | None, implicit: bool,
+                    max_length: int | None, max_prompt_length: int | None, truncation: str | None,
+                    add_special_tokens: bool, context: int | None, vocab_size: int, eos: int,
+                    add_row_index: bool) -> dict[str, list]:
+    """`Dataset.map` function of `tokenize_pairs`: the token columns of a batch of rows, plus `_bad` (the rows'
+    problems as JSON [[column, reason], ...], "" if none) and `_key` (`_row_key` of valid rows, to find repeats)."""
+    names = list(batch)
+    size = len(indices)
+    out: dict[str, list] = {"prompt_ids": [[] for _ in range(size)], "chosen_ids": [[] for _ in range(size)],
+                            "rejected_ids": [[] for _ in range(size)]}
+    for flag in TOKEN_COLUMNS[3:]:
+        out[flag] = [False] * size
+    problems: list[list[BadRow]] = [[] for _ in range(size)]
+    keys = [""] * size
+    explicit: dict[str, list] = {c: [None] * size for c in COLUMNS} if implicit else {}
+    good, texts = [], []
+    for j in range(size):
+        row, found = _explicit_row({name: batch[name][j] for name in names}, indices[j], kind, implicit)
+        if found:
+            problems[j] = found
+            continue
+        if implicit:
+            for c in COLUMNS:
+                explicit[c][j] = row[c]
+        keys[j] = _row_key(row)
+        good.append(j)
+        texts.append(render_pair(row, tokenizer))
+    special = add_special_tokens and not (kind == "conversation" and _has_chat_template(tokenizer))
+    prompt_ids = _encode(tokenizer, [t["prompt"] for t in texts], prompt=True, add_special_tokens=special)
     chosen_ids = _encode(tokenizer, [t["chosen"] for t in texts], prompt=False)
     rejected_ids = _encode(tokenizer, [t["rejected"] for t in texts], prompt=False)
-
-    out: dict[int, dict[str, Any]] = {}
-    for i, p, c, r in zip(good, prompt_ids, chosen_ids, rejected_ids):
+    for j, p, c, r in zip(good, prompt_ids, chosen_ids, rejected_ids):
+        i = indices[j]
         reason = _prompt_length_problem(len(p), max_prompt_length, max_length, truncation)
         if reason:
-            bad.append(BadRow(i, "prompt", reason))
+            problems[j].append(BadRow(i, "prompt", reason))
             continue
         truncated_prompt = max_prompt_length is not None and len(p) > max_prompt_length
         if truncated_prompt:
@@ -363,24 +676,103 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None = None, max_prompt
         room = None if max_length is None else max_length - len(p)
         truncated_chosen = room is not None and len(c) > room
         truncated_rejected = room is not None and len(r) > room
-        out[i] = {"prompt_ids": p, "chosen_ids": c[:room] if truncated_chosen else c,
-                  "rejected_ids": r[:room] if truncated_rejected else r,
-                  "truncated_prompt": truncated_prompt, "truncated_chosen": truncated_chosen,
-                  "truncated_rejected": truncated_rejected,
-                  "truncated_completion": truncated_chosen or truncated_rejected}
-    bad.sort(key=lambda b: b.index)
-    _handle_bad_rows(bad, on_bad_rows, len(rows), "tokenize_pairs")
-    keep = sorted(out)
-    if not keep:
-        raise ValueError("tokenize_pairs: no rows left")
-    new_columns = list(out[keep[0]])
-    result = dataset.select(keep) if len(keep) < len(rows) else dataset
-    if "row_index" not in result.column_names:
-        result = result.add_column("row_index", keep)
-    result = result.remove_columns([c for c in new_columns if c in result.column_names])
-    for column in new_columns:
-        result = result.add_column(column, [out[i][column] for i in keep])
+        c, r = c[:room] if truncated_chosen else c, r[:room] if truncated_rejected else r
+        if max_length is None and context is not None:
+            for side, ids in (("chosen", c), ("rejected", r)):
+                if len(p) + len(ids) > context:
+                    problems[j].append(BadRow(i, side, f"prompt + {side} has {len(p) + len(ids)} tokens > "
+                                                       f"model_max_length={context} (pass max_length= to cut the "
+                                                       "completions, max_prompt_length= to cut the prompt)"))
+        for column, ids in (("prompt", p), ("chosen", c), ("rejected", r)):
+            if ids and max(ids) >= vocab_size:
+                problems[j].append(BadRow(i, column, f"token id {max(ids)} >= vocabulary size {vocab_size}"))
+        out["prompt_ids"][j], out["chosen_ids"][j], out["rejected_ids"][j] = p, c, r
+        out["truncated_prompt"][j], out["truncated_chosen"][j] = truncated_prompt, truncated_chosen
+        out["truncated_rejected"][j] = truncated_rejected
+        out["truncated_completion"][j] = truncated_chosen or truncated_rejected
+    result = dict(explicit)
+    if add_row_index:
+        result["row_index"] = list(indices)
+    result.update(out)
+    result["_bad"] = [json.dumps([[b.column, b.reason] for b in found]) if found else "" for found in problems]
+    result["_key"] = keys
     return result
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int | None = None, max_prompt_length: int | None = None,
+                   truncation: str | None = "keep_start", *, on_bad_rows: str = "raise",
+                   add_special_tokens: bool = False, model_max_length: int | None = None,
+                   vocab_size: int | None = None, batch_size: int = 1000, load_from_cache_file: bool | None = None,
+                   num_proc: int | None = None):
+    """Add `prompt_ids`, `chosen_ids`, `rejected_ids` (completion ids end with EOS), `row_index` and the
+    truncation flags to a preference dataset (see the module docstring for the rules).
+
+    `row_index` is the row's position in `dataset` (kept if the column already exists), so it stays valid for
+    per-row caches when bad rows are dropped (a list of dicts is loaded first: positions after loading).
+    `add_special_tokens=True` lets the tokenizer add its special tokens (e.g. BOS) to the prompt, as TRL >= 1.0
+    does; completions never get any besides the appended EOS.
+
+    Bad rows — those of `validate_rows` plus a prompt + completion longer than the model's context when
+    `max_length` is None (`model_max_length`: pass the model's, e.g. `model.config.n_positions`; default the
+    tokenizer's when set) and a token id >= `vocab_size` (default `len(tokenizer)`; pass the model's embedding rows
+    when tokens were added to the tokenizer) — raise or are dropped (`on_bad_rows`), see `last_bad_rows()`.
+    `max_length` may not exceed `model_max_length`. An implicit-prompt dataset (no prompt column) gets its prompt
+    split off (`extract_prompt`) into prompt/chosen/rejected.
+
+    Runs as a batched `datasets.Dataset.map` (`batch_size` rows per call, `num_proc` processes, a progress bar),
+    whose results are cached next to a file-backed dataset (`load_from_cache_file=False` recomputes them).
+    """
+    import datasets
+
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
+                        ("model_max_length", model_max_length), ("vocab_size", vocab_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if on_bad_rows not in ON_BAD_ROWS:
+        raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; every completion ends with EOS")
+    context = model_max_length if model_max_length is not None else _tokenizer_context(tokenizer)
+    if max_length is not None and context is not None and max_length > context:
+        raise ValueError(f"max_length={max_length} exceeds model_max_length={context} (the model's context"
+                         + ("" if model_max_length is not None else ", from the tokenizer; pass model_max_length= "
+                            "if the model's is larger") + ")")
+    if not isinstance(dataset, datasets.Dataset):
+        dataset = load_preference_dataset(dataset, on_bad_rows=on_bad_rows)
+
+    implicit = _is_implicit(dataset)
+    kind = _dataset_kind(dataset, implicit)
+    add_row_index = "row_index" not in dataset.column_names
+    replaced = [c for c in TOKEN_COLUMNS if c in dataset.column_names]
+    int_list = datasets.List(datasets.Value("int64"))
+    features = {k: v for k, v in dataset.features.items() if k not in replaced}
+    if implicit:
+        features = {"prompt": features["chosen"], **features}
+    if add_row_index:
+        features["row_index"] = datasets.Value("int64")
+    features.update({c: int_list for c in TOKEN_COLUMNS[:3]})
+    features.update({c: datasets.Value("bool") for c in TOKEN_COLUMNS[3:]})
+    features.update({"_bad": datasets.Value("string"), "_key": datasets.Value("string")})
+    mapped = dataset.map(
+        _tokenize_batch, batched=True, batch_size=batch_size, with_indices=True, remove_columns=replaced,
+        features=datasets.Features(features), load_from_cache_file=load_from_cache_file, num_proc=num_proc,
+        desc="tokenize_pairs",
+        fn_kwargs=dict(tokenizer=tokenizer, kind=kind, implicit=implicit, max_length=max_length,
+                       max_prompt_length=max_prompt_length, truncation=truncation,
+                       add_special_tokens=add_special_tokens, context=context,
+                       vocab_size=vocab_size if vocab_size is not None else len(tokenizer), eos=eos,
+                       add_row_index=add_row_index))
+    bad = [BadRow(i, column, reason) for i, found in enumerate(mapped["_bad"]) if found
+           for column, reason in json.loads(found)]
+    bad.extend(_duplicates(mapped["_key"]))
+    drop = _handle_bad_rows(bad, on_bad_rows, len(dataset), "tokenize_pairs")
+    if len(drop) == len(dataset):
+        raise ValueError("tokenize_pairs: no rows left")
+    result = mapped.select([i for i in range(len(dataset)) if i not in drop]) if drop else mapped
+    return result.remove_columns(["_bad", "_key"])
 
 
 def truncation_report(tokenized) -> dict[str, int]:
