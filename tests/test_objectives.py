@@ -460,8 +460,8 @@ GOLDEN_DEFAULTS = {
                  "l1_kl": 0.001, "halve_common_l1": True},           # SparsePO README (HH sparse-common)
     "sepo": {"gamma": 1.0, "margin": 0.0, "normalization": "selected"},   # official utils_selective.py
     "fpo": {"beta": 0.1, "alpha": 0.5, "k": 50, "topk": "policy"},   # FPO Table 5; official fpo.py
-    "tis_dpo": {"beta": 0.1},
-    "confpo": {"beta": 2.0, "gamma": 0.5},                           # ConfPO on SimPO, SimPO's defaults
+    "tis_dpo": {"beta": 0.1},                                        # official config/loss/tisdpo.yaml
+    "confpo": {"beta": 1.5, "gamma": 1.6},                           # official commands/run_confpo.sh
 }
 GOLDEN_INPUTS = {"mapo": ("masks",), "sparsepo": ("reward_masks", "kl_masks"), "sepo": ("selections",),
                  "fpo": ("features", "ref_features", "ref_mean_logps"), "tis_dpo": ("weights",),

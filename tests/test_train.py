@@ -442,7 +442,7 @@ def test_sft_lowers_the_heldout_loss_and_text_pairs_train_end_to_end(tokenizer, 
     assert heldout_loss(model, tokenizer, held_texts) < heldout[0]["heldout_loss"]
 
     rows = [{"prompt": f"review: the {a} film was", "chosen": " great", "rejected": " awful"}
-            for a in ("old", "new", "long", "short")] * 2
+            for a in ("old", "new", "long", "short", "odd", "first", "last", "other")]
     pairs = tokenize_pairs(rows, tokenizer, max_length=32)
     result = train(model, None, pairs, TrainConfig(method="dpo", learning_rate=1e-2, batch_size=4, max_steps=4,
                                                    out_dir=str(tmp_path / "dpo"), cpu=True, progress=False),
@@ -458,3 +458,20 @@ def test_confpo_trains_through_the_registry_alone(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows) and "kl/chosen" not in rows[0]
     assert 0.0 < rows[0]["mask/sparsity_reward_chosen"] < 1.0
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+
+
+@pytest.mark.parametrize("hparams", [{"common": False, "mask_on_reward": False}, {"common": False, "mask_on_kl": False},
+                                     {"common": True, "mask_on_kl": False}])
+def test_sparsepo_with_one_masked_term_trains_one_network(tmp_path, hparams):
+    result = helper.run(tmp_path, method="sparsepo", max_steps=2, hparams=hparams)
+    masks = result.providers[0]
+    assert masks.mode == "common"                       # a second network would get no gradient
+    kind = "reward" if hparams.get("mask_on_reward", True) else "kl"
+    other = "kl" if kind == "reward" else "reward"
+    assert f"mask/mean_{kind}_chosen" in result.history[-1] and f"mask/mean_{other}_chosen" not in result.history[-1]
+
+
+def test_sepo_paper_normalisation_must_use_the_selected_share(tmp_path):
+    with pytest.raises(ValueError, match="set both to the same k"):
+        helper.run(tmp_path, method="sepo", max_steps=1, hparams={"normalization": "length", "ratios": (0.5, 0.5)},
+                   providers=[SePOSelections(0.3, 0.3, column=None)])

@@ -281,7 +281,7 @@ def mapo(chosen: TokenStats, rejected: TokenStats, *, masks: Pair | None = None,
 
 def sparsepo(chosen: TokenStats, rejected: TokenStats, *, reward_masks: Pair | None = None,
              kl_masks: Pair | None = None, beta: float = 0.1, common: bool = True, mask_on_reward: bool = True,
-             mask_on_kl: bool = True, l1_reward: float = 0.0, l1_kl: float = 0.0,
+             mask_on_kl: bool = True, l1_reward: float = 0.001, l1_kl: float = 0.001,
              halve_common_l1: bool = True) -> LossOutput:
     """SparsePO (Christopoulou et al. 2024, arXiv 2410.05102; official ``SparseTrainer.get_batch_loss_metrics``).
 
@@ -436,8 +436,8 @@ def tis_dpo(chosen: TokenStats, rejected: TokenStats, *, weights: Pair | None = 
     return LossOutput(losses, metrics)
 
 
-def confpo(chosen: TokenStats, rejected: TokenStats, *, selections: Pair | None = None, beta: float = 2.0,
-           gamma: float = 0.5) -> LossOutput:
+def confpo(chosen: TokenStats, rejected: TokenStats, *, selections: Pair | None = None, beta: float = 1.5,
+           gamma: float = 1.6) -> LossOutput:
     """ConfPO on SimPO (Yoon et al. 2025, arXiv 2506.08712; official ``cpo_trainer.py::cpo_loss_confpo``),
     reference-free.
 
@@ -527,11 +527,12 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               "top-k of the policy features)", optional_inputs=("ref_mean_logps",),
               reference_free_with=("ref_mean_logps",)),
     Objective("tis_dpo", tis_dpo, {"beta": 0.1}, True, True, ("weights",),
-              "Liu et al. (TIS-DPO, ICLR-2025 submission) Eq. 15-19; β=0.1 (ours; not verified against the paper)",
+              "Liu et al. (TIS-DPO, ICLR-2025 submission) Eq. 15-19 with TDPO's KL sign; β=0.1 (official "
+              "config/loss/tisdpo.yaml)",
               providers=("weights_columns",)),
-    Objective("confpo", confpo, {"beta": 2.0, "gamma": 0.5}, False, False, ("selections",),
-              "Yoon et al. 2025 (arXiv 2506.08712), official cpo_trainer.py (ConfPO on SimPO); β=2, γ=0.5 "
-              "(SimPO's, FPO Table 5)", providers=("low_confidence_tokens",)),
+    Objective("confpo", confpo, {"beta": 1.5, "gamma": 1.6}, False, False, ("selections",),
+              "Yoon et al. 2025 (arXiv 2506.08712), official cpo_trainer.py (ConfPO on SimPO); β=1.5, γ=1.6 "
+              "(official commands/run_confpo.sh)", providers=("low_confidence_tokens",)),
 )}
 
 

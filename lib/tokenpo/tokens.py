@@ -1,12 +1,12 @@
 """Per-token statistics of one side (chosen or rejected) of a batch of preference pairs.
 
-Every objective in :mod:`tokenpo.losses` is a function of the same per-token quantities, computed here once per batch:
+Every objective in :mod:`tokenpo.objectives` is a function of the same per-token quantities, computed here once per batch:
 
 * ``mask``      [B, T]  1 on completion tokens (label != -100), 0 on prompt and padding;
 * ``logps``     [B, T]  log π_θ(y_t | x, y_<t) of the label token;
 * ``ref_logps`` [B, T]  log π_ref(y_t | x, y_<t);
 * ``kl``        [B, T]  KL_t = Σ_v π_ref(v|·) [log π_ref(v|·) − log π_θ(v|·)] = D_KL(π_ref ‖ π_θ) over the full vocabulary
-  (the +KL sign of the TDPO/FPO code, docs/equations.md#notation).
+  (the +KL sign of the official TDPO code, docs/equations.md#notation).
 
 Alignment: a forward over ``input_ids [B, L]`` predicts token t+1 at position t, so T = L − 1,
 ``labels = input_ids[:, 1:]`` (-100 off the completion) and ``logits[:, :-1]`` / ``hidden[:, :-1]``.

@@ -211,16 +211,23 @@ class FPOFeatures(Provider):
     side of the residual stream at (layer, site) — and, with an offline ``cache``, ``ref_mean_logps`` (so the
     objective needs no reference statistics and no reference forward runs).
 
-    The SAE is frozen. ``pooling="official"`` divides by the padded length T of the batch the features were computed
-    in, so cached features match the trainer's only with the same batching; ``"paper"`` (mean over completion
-    tokens) does not depend on it.
+    (layer, site) default to where the SAE was trained (``sae.config.layer``/``site``). The SAE is frozen.
+    ``pooling="official"`` divides by the padded length T of the batch the features were computed in, so cached
+    features match the trainer's only with the same batching; ``"paper"`` (mean over completion tokens) does not
+    depend on it.
     """
 
-    def __init__(self, sae: SparseAutoencoder, layer: int = -1, site: str = "block_out", pooling: str = "official",
-                 cache: FPOReferenceCache | None = None):
+    def __init__(self, sae: SparseAutoencoder, layer: int | None = None, site: str | None = None,
+                 pooling: str = "official", cache: FPOReferenceCache | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r}: choose from {POOLINGS}")
+        site = site or sae.config.site
+        layer = layer if layer is not None else sae.config.layer
+        if layer is None:
+            if site != "final_norm":
+                raise ValueError("FPOFeatures needs the layer the SAE reads: its config has none; pass layer=")
+            layer = -1
         self.sae = sae.requires_grad_(False).eval()
         self.layer, self.site, self.pooling, self.cache = layer, site, pooling, cache
         if cache is not None:

@@ -97,6 +97,12 @@ class SePOSelections(Provider):
         self.ratio_chosen, self.ratio_rejected = ratio_chosen, ratio_rejected
         self.column, self.seed, self.min_count = column, seed, min_count
 
+    def setup(self, policy: nn.Module, hparams) -> None:
+        ratios = tuple(hparams.get("ratios", (0.3, 0.3)))
+        if hparams.get("normalization") == "length" and ratios != (self.ratio_chosen, self.ratio_rejected):
+            raise ValueError(f"SePO normalises by |y|·k with ratios={ratios} but selects k = ({self.ratio_chosen}, "
+                             f"{self.ratio_rejected}) of the tokens: set both to the same k")
+
     def forward(self, ctx: StepContext) -> dict[str, Any]:
         masks = (ctx.chosen.mask, ctx.rejected.mask)
         if self.column is None:

@@ -148,6 +148,9 @@ class SparsePOMasks(Provider):
     def setup(self, policy: nn.Module, hparams: Mapping[str, Any]) -> None:
         both_masked = hparams.get("mask_on_reward", True) and hparams.get("mask_on_kl", True)
         wanted = "common" if hparams.get("common", True) or not both_masked else "independent"
+        # one network for only the KL term of independent masks: its output is the KL mask
+        self.single_key = "kl_masks" if not (hparams.get("common", True) or hparams.get("mask_on_reward", True)) \
+            else "reward_masks"
         if self.mode is not None and self.mode != wanted:
             raise ValueError(f"SparsePOMasks(mode={self.mode!r}) but the objective's hyper-parameters ask for "
                              f"{wanted!r} masks (common={hparams.get('common', True)}, mask_on_reward="
@@ -180,10 +183,9 @@ class SparsePOMasks(Provider):
         reward, kl = self.weights(ctx.reference_layers, ctx.completion_mask)
         # one network: no kl_masks, so the loss sees one tensor (output casting under mixed precision would
         # otherwise turn it into two, and the loss checks that a common mask is one)
-        out = {"reward_masks": split_pairs(reward)}
-        if kl is not reward:
-            out["kl_masks"] = split_pairs(kl)
-        return out
+        if kl is reward:
+            return {getattr(self, "single_key", "reward_masks"): split_pairs(reward)}
+        return {"reward_masks": split_pairs(reward), "kl_masks": split_pairs(kl)}
 
     def settings(self) -> dict[str, Any]:
         return {"mode": self.mode, "n_layers": self.n_layers, "hidden_size": self.hidden_size,

@@ -22,7 +22,7 @@ class TrainConfig:
     """Everything a preference-training run depends on (saved as ``config.json`` in the run folder).
 
     > What to optimise
-    method: objective name from :data:`tokenpo.losses.OBJECTIVES` ("dpo", "sparsepo", "sepo", ...).
+    method: objective name from :data:`tokenpo.objectives.OBJECTIVES` ("dpo", "sparsepo", "sepo", ...).
     hparams: overrides of the objective's registry defaults, e.g. ``{"beta": 0.8, "common": False}``.
     providers: the objects that make the objective's extra inputs (:mod:`tokenpo.providers`); None = the ones its
         registry entry names (e.g. SparsePO mask networks, MaPO masks, SePO selections from oracle-score columns).
