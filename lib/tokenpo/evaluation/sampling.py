@@ -21,13 +21,14 @@ class Completions:
 def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48,
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, do_sample: bool = True,
                          seed: int = 0, batch_size: int = 16, add_special_tokens: bool = False,
-                         progress: bool | None = None) -> Completions:
+                         fixed_length: bool = False, progress: bool | None = None) -> Completions:
     """Sample one completion per prompt from a causal LM, in left-padded batches.
 
     Decoding is exactly what is asked (top_k=0 and top_p=1.0 mean no filtering; the model's own generation config
     does not add any). The global RNG is left as it was: sampling uses `seed` inside a forked RNG state. Prompts
-    are tokenised without special tokens by default, like `tokenize_pairs`. `progress=None` shows a bar when
-    there is more than one batch.
+    are tokenised without special tokens by default, like `tokenize_pairs`. `fixed_length=True` forbids EOS before
+    `max_new_tokens` tokens, so every completion has exactly that length (a reward then cannot be gamed by ending
+    early). `progress=None` shows a bar when there is more than one batch.
     """
     from transformers import GenerationConfig
 
@@ -39,7 +40,8 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False)")
     eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=eos)
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=eos,
+                    min_new_tokens=max_new_tokens if fixed_length else 0)
     if do_sample:
         settings.update(temperature=temperature, top_k=top_k, top_p=top_p)
     config = GenerationConfig(**settings)

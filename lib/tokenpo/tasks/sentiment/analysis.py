@@ -1,151 +1,107 @@
-"""Tables, frontiers and verdicts of the sentiment sweep, computed from the runs' numbers (never tuned to agree)."""
+"""Tables of the sentiment runs, computed from their numbers: checkpoint evaluations, the frontier per run at fixed
+KL, the final metrics, mask sparsities and mask alignment — one row per run, the unit the verdicts use."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from tokenpo.evaluation import frontier_reward_at, pareto_frontier
+from tokenpo.verdicts import NoData, frontier_summary
 
 from .sweep import RunResult
 
+DETECTORS = ("exclamation_rate", "distinct_1", "distinct_2", "repeated_rewarded_word_rate")
+EVAL_COLUMNS = ("reward", "vader", "kl", "kl_sampled", *DETECTORS, "judge")
 
-def frontier_points(results: Sequence[RunResult], reference_eval: dict, seeds: Sequence[int] = (0,)) -> pd.DataFrame:
-    """One row per (run, evaluated checkpoint) of the sampled-pair runs with the profile's mask settings, plus the
-    reference itself (step 0, KL 0) for every method: method, beta, seed, step, reward(_lo/_hi), vader, kl, ..."""
+
+def label(result: RunResult) -> str:
+    """"method β=…" (SimPO: "simpo β=… γ=…"): what a legend shows and what claims compare."""
+    spec = result.spec
+    return f"{spec.method} β={spec.beta:g}" + ("" if spec.gamma is None else f" γ={spec.gamma:g}")
+
+
+def checkpoint_table(results: Sequence[RunResult], anchor: dict) -> pd.DataFrame:
+    """One row per (run, evaluated checkpoint), plus the reference (step 0, KL 0, the anchor's numbers) at the start
+    of every run: label, method, beta, gamma, seed, group, step and the evaluation columns."""
     rows = []
-    methods = []
     for r in results:
-        if r.spec.data != "sampled" or r.spec.mask_settings != "ours" or r.spec.seed not in seeds:
-            continue
-        methods.append(r.spec.method)
+        base = {"label": label(r), "method": r.spec.method, "beta": r.spec.beta, "gamma": r.spec.gamma,
+                "seed": r.spec.seed, "group": r.spec.group}
+        rows.append({**base, "step": 0, **{k: anchor.get(k, np.nan) for k in EVAL_COLUMNS}, "kl": 0.0,
+                     "kl_sampled": 0.0})
         for e in r.evals:
-            rows.append({"method": r.spec.method, "beta": r.spec.beta, "seed": r.spec.seed,
-                         **{k: v for k, v in e.items() if k != "samples"}})
-    for m in dict.fromkeys(methods):
-        rows.append({"method": m, "beta": float("nan"), "seed": 0, "step": 0,
-                     **{k: v for k, v in reference_eval.items() if k != "samples"}})
+            rows.append({**base, "step": e["step"], **{k: e.get(k, np.nan) for k in EVAL_COLUMNS}})
     return pd.DataFrame(rows)
 
 
-def method_frontiers(points: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {m: pareto_frontier(g["kl"].to_numpy(), g["reward"].to_numpy())
-            for m, g in points.groupby("method", sort=False)}
+def frontier_per_run(points: pd.DataFrame, levels: Sequence[float], r_ref: float) -> pd.DataFrame:
+    """Per run: the reward interpolated at each KL level along its checkpoints (NaN beyond its largest KL, never
+    extrapolated) and the slope a of reward ≈ r_ref + a·√KL (`tokenpo.verdicts.frontier_summary`)."""
+    trained = points[points["step"] > 0]
+    return frontier_summary(trained, levels, by=("label", "seed"), r_ref=r_ref)
 
 
-def frontier_table(points: pd.DataFrame, levels: Sequence[float]) -> pd.DataFrame:
-    """Best reward per method among its checkpoints with KL <= level (nan if none), and that point's CI
-    half-width."""
-    rows = []
-    for m, g in points.groupby("method", sort=False):
-        row = {"method": m}
-        front = pareto_frontier(g["kl"].to_numpy(), g["reward"].to_numpy())
-        for level in levels:
-            best = frontier_reward_at(front, level)
-            row[f"reward@KL<={level:g}"] = best
-            hit = g[(g["kl"] <= level) & np.isclose(g["reward"], best)] if not math.isnan(best) else g.iloc[:0]
-            row[f"ci@KL<={level:g}"] = float((hit["reward_hi"] - hit["reward"]).max()) if len(hit) else float("nan")
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("method")
+def mask_sparsity(result: RunResult, kind: str) -> float:
+    """Share of completion tokens whose `kind` ("reward" or "kl") mask weight is exactly 0, late in training
+    (mean of the logged chosen and rejected values over the last 20 % of the steps)."""
+    return float(np.nanmean([result.late_mean(f"mask/sparsity_{kind}_{side}") for side in ("chosen", "rejected")]))
 
 
-MASK_METRICS = ("mask/sparsity_reward_chosen", "mask/sparsity_reward_rejected", "mask/sparsity_kl_chosen",
-                "mask/sparsity_kl_rejected")
-
-
-def results_table(results: Sequence[RunResult]) -> pd.DataFrame:
-    """Per run: the last checkpoint's reward, VADER and KL on fresh samples; the training accuracy, sequence KL and
-    mask sparsities averaged over the last 20 % of the steps; seconds per step."""
+def runs_table(results: Sequence[RunResult]) -> pd.DataFrame:
+    """Per run: the last checkpoint's evaluation, the training accuracy and sequence KL on the training pairs and the
+    mask sparsities (last 20 % of the steps), seconds per step."""
     rows = []
     for r in results:
-        last = r.evals[-1] if r.evals else {}
-        row = {"method": r.spec.method, "beta": r.spec.beta, "seed": r.spec.seed, "masks": r.spec.mask_settings,
-               "data": r.spec.data, "reward": last.get("reward", np.nan), "vader": last.get("vader", np.nan),
-               "kl": last.get("kl", np.nan), "train accuracy": r.late_mean("rewards/accuracies"),
-               "train kl chosen": r.late_mean("kl/chosen"), "train kl rejected": r.late_mean("kl/rejected"),
+        row = {"label": label(r), "method": r.spec.method, "beta": r.spec.beta, "gamma": r.spec.gamma,
+               "seed": r.spec.seed, "group": r.spec.group,
+               **{k: r.final.get(k, np.nan) for k in EVAL_COLUMNS},
+               "train accuracy": r.late_mean("rewards/accuracies"),
                "s/step": r.timing.get("train_seconds_per_step", np.nan)}
-        for metric in MASK_METRICS:
-            row[metric.split("/")[1]] = r.late_mean(metric)
+        for kind in ("reward", "kl"):
+            row[f"sparsity {kind} mask"] = mask_sparsity(r, kind)
+            row[f"mean {kind} mask"] = float(np.nanmean([r.late_mean(f"mask/mean_{kind}_{s}")
+                                                         for s in ("chosen", "rejected")]))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def kl_sparsity(result: RunResult) -> float:
-    """KL-mask sparsity late in training, chosen and rejected averaged."""
-    return float(np.nanmean([result.late_mean("mask/sparsity_kl_chosen"),
-                             result.late_mean("mask/sparsity_kl_rejected")]))
+def alignment_table(results: Sequence[RunResult]) -> pd.DataFrame:
+    """Long table of the per-run mask analyses: label, method, beta, seed, set, weighting, auroc, mass_ratio,
+    mean_weight, sparsity."""
+    rows = []
+    for r in results:
+        for dataset, weightings in r.analysis.items():
+            for weighting, stats in weightings.items():
+                rows.append({"label": label(r), "method": r.spec.method, "beta": r.spec.beta, "seed": r.spec.seed,
+                             "set": dataset, "weighting": weighting, **stats})
+    return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------------------------- verdicts
-def sparsity_verdict(by_beta: dict[float, float], seed_values: Sequence[float], variant: str) -> str:
-    """Claim: higher β gives a sparser divergence (KL) mask. Holds when sparsity never falls by more than the seed
-    spread from one β to the next and the largest β is sparser than the smallest by more than twice the spread
-    (at least 0.01)."""
-    betas = sorted(by_beta)
-    values = [by_beta[b] for b in betas]
-    spread = float(np.std(seed_values, ddof=1)) if len(seed_values) > 1 else 0.0
-    rise = values[-1] - values[0]
-    monotone = all(b - a >= -spread for a, b in zip(values, values[1:]))
-    holds = len(betas) > 1 and monotone and rise > max(2 * spread, 0.01)
-    numbers = " / ".join(f"{v:.3f}" for v in values)
-    return (f"{'holds' if holds else 'does not hold'} ({variant}: KL-mask sparsity {numbers} at β "
-            f"{' / '.join(f'{b:g}' for b in betas)}; seed s.d. {spread:.3f})")
+def per_seed(frame: pd.DataFrame, column: str, **where) -> pd.Series:
+    """`column` of the rows matching `where` (column == value), indexed by seed: one number per run."""
+    selected = frame
+    for key, value in where.items():
+        selected = selected[selected[key] == value]
+    return selected.set_index("seed")[column].sort_index()
 
 
-def alignment_verdict(trained: Sequence[float], untrained: Sequence[float], random_auroc: float, what: str) -> str:
-    """Claim: learned masks weight sentiment tokens. Holds when the trained networks' AUROC (mean over seeds) beats
-    both the untrained networks' and a random mask's by more than 2 standard errors and by at least 0.02."""
-    t, u = np.asarray(trained, float), np.asarray(untrained, float)
-    se = float(t.std(ddof=1) / math.sqrt(t.size)) if t.size > 1 else 0.0
-    margin = t.mean() - max(u.mean(), random_auroc)
-    holds = margin > max(2 * se, 0.02)
-    return (f"{'holds' if holds else 'does not hold'} ({what}: AUROC {t.mean():.3f} ± {se:.3f} (s.e., {t.size} "
-            f"seeds) vs untrained {u.mean():.3f}, random {random_auroc:.3f})")
-
-
-def _compare(a: float, b: float, tol: float) -> str:
-    return "above" if a > b + tol else ("below" if a < b - tol else "within CI")
-
-
-def frontier_verdicts(table: pd.DataFrame, levels: Sequence[float]) -> dict[str, str]:
-    """Two frontier claims read off the paper's figure: DPO has the best frontier at low KL; SparsePO's frontier is
-    at least that of TDPO-1, the objective it masks. A difference counts only beyond the larger 95 % CI half-width
-    of the two points: "holds" (better), "does not hold" (worse), else "inconclusive (within the CI)"."""
-    out = {}
-    low = min(levels)
-    col, ci = f"reward@KL<={low:g}", f"ci@KL<={low:g}"
-    if "dpo" in table.index and not math.isnan(table.loc["dpo", col]):
-        others = table.drop(index="dpo")[col].dropna()
-        if len(others):
-            best_other = others.idxmax()
-            tol = float(np.nanmax([table.loc["dpo", ci], table.loc[best_other, ci]]))
-            side = _compare(table.loc["dpo", col], others.max(), tol)
-            verdict = {"above": "holds", "below": "does not hold"}.get(side, "inconclusive (within the CI)")
-            out["DPO has the best frontier at low KL"] = (
-                f"{verdict} (KL <= {low:g}: DPO {table.loc['dpo', col]:.3f}, best other {best_other} "
-                f"{others.max():.3f}, CI half-width {tol:.3f})")
-    for variant in [m for m in table.index if m.startswith("sparsepo")]:
-        if "tdpo1" not in table.index:
-            break
-        parts, sides = [], []
-        for level in levels:
-            col, ci = f"reward@KL<={level:g}", f"ci@KL<={level:g}"
-            s, t = table.loc[variant, col], table.loc["tdpo1", col]
-            if math.isnan(s) or math.isnan(t):
-                parts.append(f"KL<={level:g}: not measurable")
-                continue
-            tol = float(np.nanmax([table.loc[variant, ci], table.loc["tdpo1", ci]]))
-            sides.append(_compare(s, t, tol))
-            parts.append(f"KL<={level:g}: {s:.3f} vs {t:.3f} (±{tol:.3f})")
-        if not sides:
-            verdict = "not measurable"
-        elif "below" in sides:
-            verdict = "does not hold"
-        elif "above" in sides:
-            verdict = "holds"
-        else:
-            verdict = "inconclusive (within the CI)"
-        out[f"{variant} frontier >= TDPO-1"] = f"{verdict} ({'; '.join(parts)})"
+def summary_by(frame: pd.DataFrame, by: Sequence[str], columns: Sequence[str]) -> pd.DataFrame:
+    """Mean ± s.d. over runs (and the number of runs) of `columns`, grouped by `by`."""
+    grouped = frame.groupby(list(by), sort=False)[list(columns)]
+    out = grouped.mean().round(3).astype(str) + " ± " + grouped.std().round(3).astype(str)
+    out["runs"] = grouped.size()
     return out
+
+
+def claim_data(a: pd.Series, b: pd.Series | None = None, what: str = "value"):
+    """The per-run data of a claim, or `NoData` naming the runs without a value (e.g. that never reached a KL level,
+    or a set without key tokens): such a claim is reported inconclusive with that reason, never decided on the
+    remaining runs."""
+    missing = {name: sorted(int(k) for k in series[series.isna()].index)
+               for name, series in (("a", a), ("b", b)) if series is not None and series.isna().any()}
+    if missing:
+        return NoData(f"no {what} for run(s) " + "; ".join(f"seeds {v}" for v in missing.values()))
+    if len(a) < 2 or (b is not None and len(b) < 2):
+        return NoData(f"fewer than 2 runs with a {what}")
+    return a if b is None else (a, b)

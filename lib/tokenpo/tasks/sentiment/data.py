@@ -68,7 +68,7 @@ def build_pairs(prompts: Sequence[str], completions: Sequence[Sequence[str]], re
     """Best vs worst continuation per prompt: chosen = the highest reward, rejected = the lowest.
 
     completions[i] and rewards[i] hold the samples of prompt i. Empty completions are skipped; a prompt whose best
-    and worst reward differ by <= `tie_tolerance` is a tie and gives no pair. The report counts prompts, pairs and
+    and worst reward differ by <= `tie_tolerance` (the minimum reward gap) gives no pair. The report counts prompts, pairs and
     ties and describes the reward gap (chosen − rejected) of the pairs kept."""
     if not (len(prompts) == len(completions) == len(rewards)):
         raise ValueError(f"{len(prompts)} prompts, {len(completions)} completion lists, {len(rewards)} reward lists")
@@ -81,7 +81,11 @@ def build_pairs(prompts: Sequence[str], completions: Sequence[Sequence[str]], re
             too_few += 1
             continue
         best = max(range(len(keep)), key=lambda j: keep[j][0])
-        worst = min(range(len(keep)), key=lambda j: keep[j][0])
+        worst = min((j for j in range(len(keep)) if keep[j][1] != keep[best][1]), key=lambda j: keep[j][0],
+                    default=best)
+        if worst == best:            # every sample is the same text
+            too_few += 1
+            continue
         gap = keep[best][0] - keep[worst][0]
         if gap <= tie_tolerance:
             ties += 1

@@ -14,7 +14,7 @@ from tokenpo.training.sft import SFTConfig, sft
 
 from .data import PairSet, build_pairs
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -43,19 +43,22 @@ def reference_model(base_tokenizer, base_model, texts: Sequence[str], config: SF
 
 
 def sample_pairs(reference, tokenizer, prompts: Sequence[str], reward: Callable, reward_id: str, samples: int,
-                 max_new_tokens: int, reference_id: str, seed: int = 0, batch_size: int = 32) -> PairSet:
-    """`samples` continuations of every prompt from the reference (temperature 1, no top-k/p), scored by `reward`;
-    best vs worst becomes a pair (`build_pairs`). Cached by reference, prompts, reward and settings."""
+                 new_tokens: int, reference_id: str, min_gap: float = 0.0, seed: int = 0,
+                 batch_size: int = 64) -> PairSet:
+    """`samples` fixed-length continuations of every prompt from the reference (temperature 1, no top-k/p, no early
+    EOS), scored by `reward`; the best and the worst become a pair when their rewards differ by more than `min_gap`
+    (`build_pairs`). Cached by reference, prompts, reward and settings."""
     from tokenpo.evaluation import generate_completions
 
     inputs = {"kind": "sentiment-pairs", "version": PIPELINE_VERSION, "reference": reference_id,
               "reward": reward_id, "prompts": content_hash(list(prompts)), "samples": samples,
-              "max_new_tokens": max_new_tokens, "seed": seed}
+              "new_tokens": new_tokens, "seed": seed}
 
     def build(folder: Path) -> None:
         repeated = [p for p in prompts for _ in range(samples)]
-        out = generate_completions(reference, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=1.0,
-                                   top_k=0, top_p=1.0, seed=seed, batch_size=batch_size, progress=False)
+        out = generate_completions(reference, tokenizer, repeated, max_new_tokens=new_tokens, temperature=1.0,
+                                   top_k=0, top_p=1.0, seed=seed, batch_size=batch_size, fixed_length=True,
+                                   progress=False)
         scores = reward(out.texts).tolist()
         texts = [out.texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
         rewards = [scores[i * samples:(i + 1) * samples] for i in range(len(prompts))]
@@ -64,8 +67,8 @@ def sample_pairs(reference, tokenizer, prompts: Sequence[str], reward: Callable,
 
     folder = cached_step("sentiment-pairs", inputs, build)
     data = json.loads((folder / "samples.json").read_text())
-    pairs = build_pairs(data["prompts"], data["texts"], data["rewards"])
+    pairs = build_pairs(data["prompts"], data["texts"], data["rewards"], tie_tolerance=min_gap)
     flat = [r for rs in data["rewards"] for r in rs]
     pairs.report["sample_reward_mean"] = sum(flat) / max(len(flat), 1)
-    pairs.report["sample_reward_exact_zero_share"] = sum(r == 0 for r in flat) / max(len(flat), 1)
+    pairs.report["sample_reward_zero_share"] = sum(r == 0 for r in flat) / max(len(flat), 1)
     return pairs

@@ -1,6 +1,8 @@
-"""The sweep: every method × β (and extra SparsePO mask seeds) trained on the same pairs with `tokenpo.train.train`,
-each run evaluated at several checkpoints on fresh samples from held-out prompts (reward, VADER, sequence KL), so
-that every run is a curve on the reward-vs-KL plane. Each run is a cached step (history, evaluations, masks)."""
+"""The runs of the sentiment experiment: each (method, β, seed) trained on the same pairs with
+`tokenpo.training.train`, evaluated at several checkpoints on fresh fixed-length samples from held-out prompts, and
+analysed at its last step (the policy's and the masks' weights on held-out pairs with known key tokens). The run, not
+the sample, is the unit the verdicts use. Each run is a cached step keyed by its settings, the reference, the pairs,
+the evaluation and the training code."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +20,7 @@ from tokenpo.cache import TRAINING_CODE, cached_step, code_fingerprint, content_
 from tokenpo.profiles import SentimentConfig
 from tokenpo.training import TrainConfig, train
 
-SWEEP_VERSION = 1
+SWEEP_VERSION = 2
 METHODS = {  # label -> (objective, fixed hyper-parameters)
     "dpo": ("dpo", {}), "tdpo1": ("tdpo1", {}), "tdpo2": ("tdpo2", {}), "simpo": ("simpo", {}),
     "mapo": ("mapo", {}), "sparsepo_common": ("sparsepo", {"common": True}),
@@ -28,101 +30,126 @@ METHODS = {  # label -> (objective, fixed hyper-parameters)
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run. `mask_settings`: "ours" (the profile's mask knobs) or "official" (the official code's:
-    policy lr for the masks, default mixer init, no freeze or warm-up). `data`: "sampled" or "planted" pairs."""
+    """One training run: a method label of `METHODS`, its β (SimPO: β and its margin γ), a seed (model init of the
+    mask networks, data order, sampling), and the group it belongs to ("main" or "simpo-grid", the pilot that picks
+    SimPO's setting before its main runs)."""
 
     method: str
     beta: float
     seed: int = 0
-    mask_settings: str = "ours"
-    data: str = "sampled"
+    gamma: float | None = None
+    group: str = "main"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method label {self.method!r}; known: {sorted(METHODS)}")
-        if self.mask_settings not in ("ours", "official") or self.data not in ("sampled", "planted"):
-            raise ValueError(f"RunSpec {self}: mask_settings must be ours|official and data sampled|planted")
+        if (self.gamma is not None) != (self.method == "simpo"):
+            raise ValueError(f"RunSpec {self}: γ is SimPO's margin; give it for SimPO runs only")
 
     @property
     def name(self) -> str:
-        extra = "" if self.mask_settings == "ours" else "-official"
-        extra += "" if self.data == "sampled" else "-planted"
-        return f"{self.method}-b{self.beta:g}-s{self.seed}{extra}"
+        margin = "" if self.gamma is None else f"-g{self.gamma:g}"
+        return f"{self.method}-b{self.beta:g}{margin}-s{self.seed}" + ("" if self.group == "main" else f"-{self.group}")
 
     @property
     def is_sparsepo(self) -> bool:
         return METHODS[self.method][0] == "sparsepo"
 
 
-def sweep_specs(cfg: SentimentConfig) -> list[RunSpec]:
-    """Every method at every β (seed 0); SparsePO variants at `mask_seed_beta` with seeds 1..mask_seeds-1; the
-    official-mask-settings ablation; the planted-token runs (SparsePO common and independent)."""
-    specs = [RunSpec(m, b) for m, betas in cfg.betas for b in betas]
-    sparse = [m for m, _ in cfg.betas if m.startswith("sparsepo")]
-    specs += [RunSpec(m, cfg.mask_seed_beta, seed=s) for m in sparse for s in range(1, cfg.mask_seeds)]
-    if cfg.official_mask_ablation:
-        specs += [RunSpec(m, cfg.mask_seed_beta, mask_settings="official") for m in sparse]
-    specs += [RunSpec(m, cfg.planted_beta, data="planted") for m in sparse]
+def main_specs(cfg: SentimentConfig, simpo: tuple[float, float]) -> list[RunSpec]:
+    """Every pre-registered (method, β) of the profile with `cfg.seeds` seeds; SimPO at the (β, γ) the grid chose."""
+    specs = [RunSpec(m, b, seed=s) for m, betas in cfg.runs for b in betas for s in range(1, cfg.seeds + 1)]
+    specs += [RunSpec("simpo", simpo[0], seed=s, gamma=simpo[1]) for s in range(1, cfg.seeds + 1)]
     return specs
+
+
+def simpo_grid_specs(cfg: SentimentConfig) -> list[RunSpec]:
+    """SimPO's own grid, seed 0 (kept out of the verdicts, which use seeds 1..)."""
+    return [RunSpec("simpo", b, seed=0, gamma=g, group="simpo-grid") for b, g in cfg.simpo_grid]
 
 
 def train_config(spec: RunSpec, cfg: SentimentConfig, out_dir: str | Path, steps: int) -> TrainConfig:
     objective, fixed = METHODS[spec.method]
     hparams = {"beta": spec.beta, **fixed}
-    if objective == "simpo":
-        hparams["gamma"] = cfg.simpo_gamma
+    if spec.gamma is not None:
+        hparams["gamma"] = spec.gamma
     kwargs = {}
     if objective == "sparsepo":
         from tokenpo.providers import SparsePOMasks
 
         hparams.update(l1_reward=cfg.l1, l1_kl=cfg.l1)
-        if spec.mask_settings == "ours":
-            kwargs = dict(provider_learning_rate=cfg.mask_lr, provider_freeze_steps=cfg.mask_freeze_steps,
-                          provider_warmup_steps=cfg.mask_warmup_steps,
-                          providers=[SparsePOMasks(**({} if cfg.mixer_init is None else {"mixer_init": cfg.mixer_init}))])
-    # use_reference and log_kl also for SimPO: its loss ignores the reference, but the KL it logs feeds the KL figure
-    return TrainConfig(method=objective, hparams=hparams, use_reference=True, log_kl=True, learning_rate=cfg.lr,
-                       schedule="constant", warmup_steps=cfg.warmup_steps, max_steps=steps,
-                       batch_size=cfg.batch_size, seed=spec.seed, cpu=not torch.cuda.is_available(),
-                       progress=False, save_final=False, out_dir=out_dir, **kwargs)
+        kwargs = dict(provider_learning_rate=cfg.mask_lr,
+                      providers=[SparsePOMasks(**({} if cfg.mixer_init is None else {"mixer_init": cfg.mixer_init}))])
+    return TrainConfig(method=objective, hparams=hparams, learning_rate=cfg.lr, schedule="constant",
+                       warmup_steps=cfg.warmup_steps, max_steps=steps, batch_size=cfg.batch_size, seed=spec.seed,
+                       cpu=not torch.cuda.is_available(), progress=False, save_final=False, out_dir=out_dir,
+                       chunk_size=cfg.chunk_size, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of the whitespace words of `texts` (1 = no repetition)."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
 class CheckpointEvaluator:
-    """Fresh samples of a policy on held-out prompts (same sampling seed at every checkpoint: common random numbers
-    make checkpoints comparable), scored by the reward classifier and VADER; exact sequence KL(π_θ‖π_ref)."""
+    """Fresh fixed-length samples of a policy on held-out prompts (the same sampling seed at every checkpoint: common
+    random numbers make checkpoints comparable), scored by the training reward and by VADER; the exact sequence
+    KL(π_θ‖π_ref); the hacking detectors ("!" rate, distinct-1/2, share of rewarded words repeated in a text). The
+    MiniLM judge scores the samples of the last checkpoint (it is the slowest part)."""
 
     def __init__(self, reference, tokenizer, prompts: Sequence[str], reward: Callable, vader: Callable,
-                 max_new_tokens: int, seed: int = 1234, batch_size: int = 32):
+                 judge: Callable | None, new_tokens: int, seed: int = 1234, batch_size: int = 64):
         self.reference, self.tokenizer, self.prompts = reference, tokenizer, list(prompts)
-        self.reward, self.vader = reward, vader
-        self.max_new_tokens, self.seed, self.batch_size = max_new_tokens, seed, batch_size
+        self.reward, self.vader, self.judge = reward, vader, judge
+        self.new_tokens, self.seed, self.batch_size = new_tokens, seed, batch_size
 
     @property
     def identity(self) -> str:
-        return content_hash([self.prompts, self.max_new_tokens, self.seed])
+        return content_hash([self.prompts, self.new_tokens, self.seed, getattr(self.reward, "identity", None)])
 
-    def __call__(self, policy) -> dict:
-        from tokenpo.evaluation import generate_completions, mean_ci, sequence_kl
+    def __call__(self, policy, with_judge: bool = False, prompts: Sequence[str] | None = None,
+                 seed: int | None = None) -> dict:
+        from tokenpo.evaluation import generate_completions, sequence_kl
 
-        out = generate_completions(policy, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
-                                   temperature=1.0, top_k=0, top_p=1.0, seed=self.seed, batch_size=self.batch_size,
-                                   progress=False)
+        out = generate_completions(policy, self.tokenizer, list(prompts or self.prompts), max_new_tokens=self.new_tokens,
+                                   temperature=1.0, top_k=0, top_p=1.0, seed=self.seed if seed is None else seed,
+                                   batch_size=self.batch_size, fixed_length=True, progress=False)
         reward, vader = np.asarray(self.reward(out.texts)), np.asarray(self.vader(out.texts))
         kl = sequence_kl(policy, self.reference, out, batch_size=self.batch_size)
-        row = {"n": len(out.texts), "length": float(kl.lengths.mean()), "finished": float(np.mean(out.finished)),
-               "kl_sampled": float(kl.sampled.mean()),
-               "kl_per_token": float(kl.exact.sum() / max(kl.lengths.sum(), 1)), "samples": out.texts[:4]}
-        for name, values in (("reward", reward), ("vader", vader), ("kl", kl.exact)):
-            ci = mean_ci(values)
-            row.update({name: ci.mean, f"{name}_lo": ci.low, f"{name}_hi": ci.high})
+        row = {"n": len(out.texts), "reward": float(reward.mean()), "reward_se": _se(reward),
+               "vader": float(vader.mean()), "vader_se": _se(vader), "kl": float(kl.exact.mean()), "kl_se": _se(kl.exact),
+               "kl_sampled": float(kl.sampled.mean()), "exclamation_rate": float(np.mean(["!" in t for t in out.texts])),
+               "distinct_1": distinct_n(out.texts, 1), "distinct_2": distinct_n(out.texts, 2),
+               "repeated_rewarded_word_rate": _repeated_rewarded_words(self.reward, out.texts),
+               "samples": out.texts[:4]}
+        if with_judge and self.judge is not None:
+            judged = np.asarray(self.judge(out.texts))
+            row.update(judge=float(judged.mean()), judge_se=_se(judged))
+        row["values"] = {"reward": reward.tolist(), "vader": vader.tolist(), "kl": kl.exact.tolist()}
         return row
 
 
-class _CheckpointCallback:
-    def __init__(self, evaluator: CheckpointEvaluator | None, steps: Sequence[int]):
-        self.evaluator, self.steps = evaluator, set(steps)
+def _se(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def _repeated_rewarded_words(reward, texts: Sequence[str]) -> float:
+    """Share of texts in which one rewarded word of the additive reward occurs more than once."""
+    if not hasattr(reward, "words"):
+        return float("nan")
+    return float(np.mean([len(words) != len(set(words)) for words in
+                          ([w for *_, w, _ in reward.words(t)] for t in texts)]))
+
+
+class _RunCallback:
+    """Checkpoint evaluations during the run, and the per-run analyses at its last step."""
+
+    def __init__(self, evaluator: CheckpointEvaluator | None, steps: Sequence[int], analyse: Callable | None):
+        self.evaluator, self.steps, self.analyse = evaluator, sorted(steps), analyse
         self.evals: list[dict] = []
+        self.analysis: dict = {}
         self.initial_masks: dict | None = None
         self.eval_seconds = 0.0
 
@@ -132,10 +159,14 @@ class _CheckpointCallback:
             self.initial_masks = {k: v.detach().clone() for k, v in masks.state_dict().items()}
 
     def on_step_end(self, step, metrics, policy, providers) -> None:
-        if self.evaluator is not None and step in self.steps:
-            start = time.perf_counter()
-            self.evals.append({"step": step, **self.evaluator(policy)})
-            self.eval_seconds += time.perf_counter() - start
+        if self.evaluator is None or step not in self.steps:
+            return
+        start = time.perf_counter()
+        last = step == self.steps[-1]
+        self.evals.append({"step": step, **self.evaluator(policy, with_judge=last)})
+        if last and self.analyse is not None:
+            self.analysis = self.analyse(policy, _mask_provider(providers), self.initial_masks)
+        self.eval_seconds += time.perf_counter() - start
 
 
 def pairs_fingerprint(pairs) -> str:
@@ -157,7 +188,8 @@ class RunResult:
     spec: RunSpec
     history: list[dict]
     evals: list[dict]
-    initial_masks: dict | None = None        # SparsePO mask networks' state before / after training
+    analysis: dict = field(default_factory=dict)      # per-run analyses at the last step (mask alignment, ...)
+    initial_masks: dict | None = None                 # SparsePO mask networks' state before / after training
     final_masks: dict | None = None
     timing: dict = field(default_factory=dict)
 
@@ -172,24 +204,19 @@ class RunResult:
             return float("nan")
         return float(values[-max(1, int(round(share * values.size))):].mean())
 
-    def mask_module(self, model_config, cfg: SentimentConfig, final: bool = True):
-        """The SparsePO mask networks (trained, or as initialised with `final=False`), in eval mode."""
-        from tokenpo.providers import SparsePOMasks
-
-        if not self.spec.is_sparsepo:
-            raise ValueError(f"run {self.spec.name} has no mask networks")
-        kwargs = {"mixer_init": cfg.mixer_init} if self.spec.mask_settings == "ours" and cfg.mixer_init is not None \
-            else {}
-        mode = "common" if METHODS[self.spec.method][1]["common"] else "independent"
-        module = SparsePOMasks.from_model_config(model_config, mode=mode, **kwargs)
-        module.load_state_dict(self.final_masks if final else self.initial_masks)
-        return module.eval()
+    @property
+    def final(self) -> dict:
+        """The evaluation of the last checkpoint."""
+        return self.evals[-1] if self.evals else {}
 
 
 def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: CheckpointEvaluator | None,
-        identity: dict, collator, steps: int | None = None, eval_steps: Sequence[int] = ()) -> RunResult:
-    """Train one run (cached by `identity` — the reference, pairs and evaluator it depends on — plus its settings)
-    and return its per-step history, checkpoint evaluations and mask networks."""
+        identity: dict, collator, analyse: Callable | None = None, steps: int | None = None,
+        eval_steps: Sequence[int] = ()) -> RunResult:
+    """Train one run and return its per-step history, checkpoint evaluations, last-step analyses and mask networks.
+
+    Cached by the run's settings and `identity` (what the run depends on that is not in its settings: the reference,
+    the reward, the evaluation, the analyses) together with a hash of the pairs and of the training code."""
     from safetensors.torch import load_file, save_file
 
     steps = steps or cfg.steps
@@ -201,7 +228,7 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
               "code": code_fingerprint(*TRAINING_CODE)}
 
     def build(folder: Path) -> None:
-        callback = _CheckpointCallback(evaluator, eval_steps)
+        callback = _RunCallback(evaluator, eval_steps, analyse)
         policy = copy.deepcopy(reference).requires_grad_(True)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -211,7 +238,7 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
         timing = {"seconds": total, "eval_seconds": callback.eval_seconds, "steps": result.steps,
                   "train_seconds_per_step": (total - callback.eval_seconds) / max(result.steps, 1)}
         (folder / "run.json").write_text(json.dumps({"history": result.history, "evals": callback.evals,
-                                                     "timing": timing}, default=float))
+                                                     "analysis": callback.analysis, "timing": timing}, default=float))
         masks = _mask_provider(result.providers)
         if masks is not None:
             save_file({k: v.contiguous() for k, v in masks.state_dict().items()}, folder / "final.safetensors")
@@ -223,4 +250,18 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
     for which in ("initial", "final"):
         path = folder / f"{which}.safetensors"
         masks[which] = load_file(path) if path.exists() else None
-    return RunResult(spec, data["history"], data["evals"], masks["initial"], masks["final"], data["timing"])
+    return RunResult(spec, data["history"], data["evals"], data["analysis"], masks["initial"], masks["final"],
+                     data["timing"])
+
+
+def mask_module(result: RunResult, model_config, cfg: SentimentConfig, final: bool = True):
+    """The SparsePO mask networks of a run (trained, or as initialised with `final=False`), in eval mode."""
+    from tokenpo.providers import SparsePOMasks
+
+    if not result.spec.is_sparsepo:
+        raise ValueError(f"run {result.spec.name} has no mask networks")
+    mode = "common" if METHODS[result.spec.method][1]["common"] else "independent"
+    module = SparsePOMasks.from_model_config(model_config, mode=mode,
+                                             **({} if cfg.mixer_init is None else {"mixer_init": cfg.mixer_init}))
+    module.load_state_dict(result.final_masks if final else result.initial_masks)
+    return module.eval()
