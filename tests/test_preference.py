@@ -359,6 +359,7 @@ def test_implicit_prompt_conversations_are_accepted_as_trl_does(tokenizer):
     assert ds.column_names[:3] == ["prompt", "chosen", "rejected"]
     assert ds[0]["prompt"] == [system, USER] and ds[0]["chosen"] == _say("assistant", "Knead and bake.")
     assert ds[1]["prompt"] == [USER] and ds[1]["rejected"] == _say("assistant", "Buy it.")
+    assert load_preference_dataset(datasets.Dataset.from_list(rows)).to_list() == ds.to_list()
     explicit = [{"prompt": [system, USER], "chosen": _say("assistant", "Knead and bake."),
                  "rejected": _say("assistant", "No.")},
                 {"prompt": [USER], "chosen": _say("assistant", "Bake."), "rejected": _say("assistant", "Buy it.")}]

@@ -765,9 +765,10 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None = None, max_prompt
                        add_special_tokens=add_special_tokens, context=context,
                        vocab_size=vocab_size if vocab_size is not None else len(tokenizer), eos=eos,
                        add_row_index=add_row_index))
-    bad = [BadRow(i, column, reason) for i, found in enumerate(mapped["_bad"]) if found
+    checks = mapped.select_columns(["_bad", "_key"]).to_dict()  # whole columns at once, not row by row
+    bad = [BadRow(i, column, reason) for i, found in enumerate(checks["_bad"]) if found
            for column, reason in json.loads(found)]
-    bad.extend(_duplicates(mapped["_key"]))
+    bad.extend(_duplicates(checks["_key"]))
     drop = _handle_bad_rows(bad, on_bad_rows, len(dataset), "tokenize_pairs")
     if len(drop) == len(dataset):
         raise ValueError("tokenize_pairs: no rows left")
