@@ -301,8 +301,8 @@ if pid == 0:
             os.setuid(cfg["uid"])
         else:
             clear_capability_sets()
-        for name, value in cfg["rlimits"].items():
-            resource.setrlimit(getattr(resource, name), (value, value))
+        for name, value in cfg["rlimits"].items():  # a value, or [soft, hard]
+            resource.setrlimit(getattr(resource, name), tuple(value) if isinstance(value, list) else (value, value))
         os.execv(cfg["argv"][0], cfg["argv"])
     except BaseException as exc:
         sys.stderr.write("sandbox launcher: %r\n" % (exc,))

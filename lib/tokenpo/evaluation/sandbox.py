@@ -140,47 +140,49 @@ class Isolation:
 # run as `python -I -S -c <source>`: see that file for the stages (setup, supervise)
 _LAUNCHER = (Path(__file__).parent / "_sandbox_launcher.py").read_text(encoding="utf-8")
 
-# run as `python -I -c <this> <token fd> <verdict fd> main.py [main.then1.py ...]` in the working directory, as
-# the sandbox uid: reads the token, compiles every part (each on its own, so one part cannot change how the next
-# parses, and all before any runs, so the program cannot rewrite them on disk), runs them in order as __main__, and
-# writes the token back only when the last one returned normally. Everything it uses afterwards is bound before
-# the program runs (patched builtins or `os` functions cannot reach it).
+# run as `python -I -c <this> <bundle fd> <verdict fd>` in the working directory, as the sandbox uid. The bundle
+# (an unlinked, root-only file: nothing on disk that another run of the same uid could rewrite) holds the token and
+# the program's parts. It compiles every part (each on its own, so one part cannot change how the next parses, and
+# all before any runs), runs them in order as __main__ (file names main.py, main.then1.py, ...: the copies in the
+# working directory serve tracebacks and `inspect`), and writes the token back only when the last one returned
+# normally. Everything it uses afterwards is bound before the program runs (patched builtins or `os` functions
+# cannot reach it).
 _WRAPPER = r'''
-def _tokenpo_sandbox(token_fd, verdict_fd, parts):
-    import os, sys
+def _tokenpo_sandbox(bundle_fd, verdict_fd):
+    import json, os, sys
     write, close, read = os.write, os.close, os.read
     try:  # not dumpable: other processes of this uid cannot read this one's memory or open its descriptors
         import ctypes
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
     except Exception:
         pass
-    token = b""
+    data = b""
     while True:
-        chunk = read(token_fd, 256)
+        chunk = read(bundle_fd, 1 << 16)
         if not chunk:
             break
-        token += chunk
-    close(token_fd)
-    codes = []
-    for part in parts:
-        path = os.path.join(os.getcwd(), part)
-        with open(path, "rb") as f:
-            codes.append(compile(f.read(), path, "exec", dont_inherit=True))
+        data += chunk
+    close(bundle_fd)
+    bundle = json.loads(data.decode("utf-8"))
+    token = bundle["token"].encode()
+    cwd = os.getcwd()
+    codes = [compile(text, os.path.join(cwd, name), "exec", dont_inherit=True, optimize=0)  # asserts stay
+             for name, text in bundle["parts"]]
     namespace = sys.modules["__main__"].__dict__
     builtins = namespace["__builtins__"]
     namespace.clear()
     namespace.update({"__name__": "__main__", "__doc__": None, "__package__": None, "__loader__": None,
                       "__spec__": None, "__file__": codes[0].co_filename, "__cached__": None,
                       "__builtins__": builtins})
-    sys.argv[:] = [parts[0]]
-    del os, sys, f, chunk, builtins, path, part, parts
+    sys.argv[:] = [bundle["parts"][0][0]]
+    del json, os, sys, data, chunk, bundle, cwd, builtins
     for code in codes:
         exec(code, namespace)
     write(verdict_fd, token)
     close(verdict_fd)
 
 
-_tokenpo_sandbox(int(__import__("sys").argv[1]), int(__import__("sys").argv[2]), __import__("sys").argv[3:])
+_tokenpo_sandbox(int(__import__("sys").argv[1]), int(__import__("sys").argv[2]))
 '''
 
 
@@ -263,20 +265,20 @@ def _interpreter_keep(python: str) -> tuple[str, ...]:
     return tuple(p for p in keep if not any(p.startswith(q + "/") for q in keep if q != p))
 
 
-def _launch(python: str, workdir: str, limits: SandboxLimits, iso: Isolation, fds: dict[str, int],
-            parts: Sequence[str]):
+def _launch(python: str, workdir: str, limits: SandboxLimits, iso: Isolation, fds: dict[str, int]):
     nproc = limits.max_processes
     if iso.uid is None and os.geteuid() != 0:
         nproc += _count_tasks_of_uid(os.geteuid())  # RLIMIT_NPROC counts all of the user's tasks
     rlimits = {
-        "RLIMIT_CPU": _cpu_limit(limits),  # soft == hard: the kernel sends SIGKILL at the limit
+        # SIGXCPU at the limit (unambiguous: rusage may lag the kernel's own count), SIGKILL a second later
+        "RLIMIT_CPU": [_cpu_limit(limits), _cpu_limit(limits) + 1],
         "RLIMIT_AS": int(limits.memory_bytes),
         "RLIMIT_FSIZE": int(min(limits.max_file_bytes, limits.max_disk_bytes)),
         "RLIMIT_NOFILE": int(limits.max_open_files),
         "RLIMIT_NPROC": int(nproc),  # binds once the program runs as the sandbox uid (root ignores it)
         "RLIMIT_CORE": 0,
     }
-    argv = [python, "-I", "-c", _WRAPPER, str(fds["token_fd"]), str(fds["verdict_fd"]), *parts]
+    argv = [python, "-I", "-c", _WRAPPER, str(fds["token_fd"]), str(fds["verdict_fd"])]
     cfg = {"stage": "setup", "workdir": workdir, "private": iso.private_tmp, "covered": _covered(),
            "keep": list(_interpreter_keep(python)) if iso.private_tmp else [],
            "tmpfs_bytes": int(limits.tmpfs_bytes), "disk_bytes": int(limits.max_disk_bytes),
@@ -352,22 +354,23 @@ def _stop(proc: subprocess.Popen, iso: Isolation) -> tuple[bool, int]:
     return False, 0
 
 
-def _run(python: str, workdir: str, limits: SandboxLimits, iso: Isolation, parts: Sequence[str] = ("main.py",)
-         ) -> _Outcome:
+def _run(python: str, workdir: str, limits: SandboxLimits, iso: Isolation, parts: Mapping[str, str]) -> _Outcome:
+    """Run the program made of `parts` (file name -> source, in order; also written to `workdir`)."""
     start = time.monotonic()
     deadline = start + limits.wall_time
-    token = secrets.token_hex(16).encode()
+    token = secrets.token_hex(16)
     status_read, status_write = os.pipe()
-    token_read, token_write = os.pipe()
     verdict_read, verdict_write = os.pipe()
-    os.write(token_write, token)
-    os.close(token_write)
-    try:
-        proc = _launch(python, workdir, limits, iso,
-                       {"status_fd": status_write, "token_fd": token_read, "verdict_fd": verdict_write}, parts)
-    finally:
-        for fd in (status_write, token_read, verdict_write):
-            os.close(fd)
+    with tempfile.TemporaryFile() as bundle:  # unlinked, 0600 of the harness's user
+        bundle.write(json.dumps({"token": token, "parts": list(parts.items())}).encode("utf-8"))
+        bundle.flush()
+        bundle.seek(0)
+        try:
+            proc = _launch(python, workdir, limits, iso,
+                           {"status_fd": status_write, "token_fd": bundle.fileno(), "verdict_fd": verdict_write})
+        finally:
+            for fd in (status_write, verdict_write):
+                os.close(fd)
     watch_disk = not iso.private_tmp  # with private mounts the working directory is a size-bounded tmpfs
     next_disk_check = start + 0.05
     buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
@@ -426,7 +429,7 @@ def _run(python: str, workdir: str, limits: SandboxLimits, iso: Isolation, parts
     except (ValueError, KeyError, TypeError, AttributeError):
         facts, wait_status, cpu = {}, None, 0.0
     return _Outcome(wait_status, proc.returncode, out, err, why_killed, time.monotonic() - start, cpu,
-                    completed=secrets.compare_digest(verdict, token), facts=facts)
+                    completed=secrets.compare_digest(verdict, token.encode()), facts=facts)
 
 
 def _read_nonblocking(fd: int, size: int = 1 << 16) -> bytes:
@@ -563,9 +566,10 @@ def _probe(cand: Isolation) -> tuple[bool, str]:
         markers = [os.path.join(d, f"tokenpo-probe-{tag}") for d in _covered()]
     workdir = _make_workdir(cand)
     try:
+        program = _PROBE_PROGRAM.format(net=cand.network_namespace, pid=cand.pid_namespace, markers=markers)
         with open(os.path.join(workdir, "main.py"), "w") as f:
-            f.write(_PROBE_PROGRAM.format(net=cand.network_namespace, pid=cand.pid_namespace, markers=markers))
-        outcome = _run(cand.python, workdir, SandboxLimits(wall_time=10.0), cand)
+            f.write(program)
+        outcome = _run(cand.python, workdir, SandboxLimits(wall_time=10.0), cand, {"main.py": program})
         out, err = outcome.stdout.decode(errors="replace"), outcome.stderr.decode(errors="replace")
         leaked = [m for m in markers if os.path.lexists(m)]
         for m in leaked:
@@ -611,7 +615,7 @@ def run_python(source: str, limits: SandboxLimits | None = None, *, files: Mappi
                 raise ValueError(f"sandbox file name {name!r} is reserved for the program")
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
-        outcome = _run(python, workdir, limits, iso, list(parts))
+        outcome = _run(python, workdir, limits, iso, parts)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     stdout = outcome.stdout.decode("utf-8", errors="replace")
