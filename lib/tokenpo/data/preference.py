@@ -78,7 +78,7 @@ ON_BAD_ROWS = ("raise", "drop")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "truncated_prompt", "truncated_chosen",
                  "truncated_rejected", "truncated_completion")
 _SHOWN_BAD_ROWS = 5
-_UNSET_MODEL_MAX_LENGTH = 10 ** 12  # transformers' placeholder when a tokenizer does not know its context is 1e30
+_UNSET_MODEL_MAX_LENGTH = 10 ** 12  # at or above: transformers' "unknown context" placeholder (1e30), not a limit
 
 
 @dataclass(frozen=True)
@@ -368,6 +368,7 @@ def _handle_bad_rows(bad: list[BadRow], on_bad_rows: str, total: int, stage: str
 # -------------------------------------------------------------------------------------------------- loading/saving
 
 _ESCAPED_IN_FILES = re.compile("[\x85\u2028\u2029\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _json_line(value: Any) -> str:
@@ -398,7 +399,7 @@ def _json_lines(text: str, path: Path) -> tuple[list[Any], list[int]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {number} is not valid JSON: {exc}") from None
+                raise ValueError(f"{path}: line {number}, column {exc.colno}: not valid JSON: {exc.msg}") from None
             lines.append(number)
     return rows, lines
 
@@ -464,6 +465,12 @@ def _dataset_from_rows(rows: Sequence[Mapping[str, Any]], where: str):
                 raise ValueError(f"{where}: column {name!r} holds different types: " + "; ".join(
                     f"{t} in rows {r[:_SHOWN_BAD_ROWS]}{' …' if len(r) > _SHOWN_BAD_ROWS else ''}"
                     for t, r in types.items())) from exc
+        if isinstance(exc, UnicodeEncodeError):  # a lone surrogate: Arrow stores UTF-8 only
+            for name, values in columns.items():
+                for i, v in enumerate(values):
+                    if isinstance(v, str) and _SURROGATE.search(v):
+                        raise ValueError(f"{where}: row {i} [{name}]: a lone surrogate ({exc.reason}); datasets "
+                                         "store UTF-8 text only") from exc
         raise ValueError(f"{where}: cannot build a dataset from these rows: {exc}") from exc
 
 
