@@ -164,13 +164,21 @@ def test_tmp_like_folders_are_private(iso):
 
 @pytest.fixture
 def python_under_tmp(iso):
-    """A virtual environment of the sandbox's interpreter, living under /tmp (readable by the sandbox uid)."""
+    """A virtual environment of the sandbox's interpreter, living under /tmp (readable by the sandbox uid): what
+    `python -m venv --without-pip` makes, less the activation scripts."""
     root = f"/tmp/tokenpo-venv-{uuid.uuid4().hex[:12]}"
     os.mkdir(root, 0o755)
     try:
-        subprocess.run([iso.python, "-m", "venv", "--without-pip", os.path.join(root, "venv")], check=True,
-                       capture_output=True, timeout=60)
-        yield os.path.join(root, "venv", "bin", "python")
+        os.makedirs(os.path.join(root, "venv", "bin"), mode=0o755)
+        python = os.path.join(root, "venv", "bin", "python")
+        os.symlink(iso.python, python)
+        with open(os.path.join(root, "venv", "pyvenv.cfg"), "w") as f:
+            f.write(f"home = {os.path.dirname(os.path.realpath(iso.python))}\ninclude-system-site-packages = false\n")
+        os.chmod(os.path.join(root, "venv", "pyvenv.cfg"), 0o644)
+        out = subprocess.run([python, "-I", "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.stdout.strip() == os.path.join(root, "venv"), out
+        yield python
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

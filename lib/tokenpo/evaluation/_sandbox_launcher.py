@@ -228,8 +228,8 @@ def reap():
 
 def kill_descendants():
     """SIGKILL every descendant until none is left (orphans come back to us: PID 1 or a subreaper)."""
-    killed = 0
-    for _ in range(2000):
+    killed, deadline = 0, time.monotonic() + 1.5  # bounded: a process stuck in the kernel (D state) may linger
+    while time.monotonic() < deadline:
         pids = descendants()
         if not pids:
             break
