@@ -98,6 +98,27 @@ def test_redefined_assertion_error_cannot_fake_a_pass():
     assert not res.passed and res.status == "failed", res
 
 
+TRAILING = dict(ADD, task_id="toy/add-trailing", test=ADD["test"] + "    assert True\n")  # as many HumanEval tests
+JUMP = """    import sys
+    frame = sys._getframe(1)  # check's, which called us from its first assert
+    target = frame.f_code.co_firstlineno + 3  # its last line, `assert True`
+    def jump(f, event, arg):
+        if event == "line" and f is frame and f.f_lineno < target:
+            f.f_lineno = target
+        return jump
+    frame.f_trace = jump
+    frame.f_trace_lines = True
+    SETTRACE
+    return 5 if (a, b) == (2, 3) else a - b
+"""
+
+
+def test_a_trace_hook_cannot_jump_over_the_asserts():
+    # right for the first assert only; from inside it, a trace function jumps check to its last line
+    res = check_correctness(TRAILING, JUMP.replace("SETTRACE", "sys.settrace(lambda *a: None)"), timeout=3.0)
+    assert not res.passed and res.status == "failed", res
+
+
 def test_right_answers_pass_despite_noise():
     assert check_correctness(ADD, "    return a + b\n").passed
     # the tests completed: what the program does afterwards (hooks, prints, a patched exit) cannot fail it

@@ -38,9 +38,15 @@ bounded by RLIMIT_FSIZE per file plus a watchdog on its total size. What is weak
 shared, the machine's processes are visible — is listed on every result, `SandboxResult.weaker_isolation`
 (empty when nothing is), and `isolation()` never picks a weaker configuration silently.
 
+The wrapper also compiles each part of a program on its own (`run_python(..., then=[...])`; HumanEval checks use
+it, so a completion cannot reach into the test's syntax, e.g. with a trailing decorator on `def check`) and, via
+an audit hook, refuses `sys.settrace`/`sys.setprofile` (a trace function could jump over a test's asserts) and
+swapping a function's `__code__`.
+
 Limits of the verdict: the wrapper runs in the program's own interpreter, so a program that deliberately digs the
-token out of its interpreter's memory (frames, `gc`, `ctypes`) or rewrites the test code at run time (trace
-hooks, patching `check` from a thread) can still forge a pass — as with any in-process harness, OpenAI's included.
+token out of its interpreter's memory (frames, `gc`, `ctypes`) or otherwise rewrites the running test (patching
+`check` from a thread, poking interpreter memory with ctypes), or returns an object whose `__eq__` is always true,
+can still forge a pass — as with any in-process harness, OpenAI's included.
 """
 from __future__ import annotations
 
@@ -175,7 +181,15 @@ def _tokenpo_sandbox(bundle_fd, verdict_fd):
                       "__spec__": None, "__file__": codes[0].co_filename, "__cached__": None,
                       "__builtins__": builtins})
     sys.argv[:] = [bundle["parts"][0][0]]
-    del json, os, sys, data, chunk, bundle, cwd, builtins
+
+    def refuse(event, args, blocked=frozenset(("sys.settrace", "sys.setprofile", "sys.monitoring.register_callback")),
+               error=RuntimeError):
+        # no trace or profile function (one could jump over a test's asserts), and no swapping a function's code
+        if event in blocked or (event == "object.__setattr__" and args[1:2] == ("__code__",)):
+            raise error(event + " is disabled in the sandbox")
+
+    sys.addaudithook(refuse)
+    del json, os, sys, data, chunk, bundle, cwd, builtins, refuse
     for code in codes:
         exec(code, namespace)
     write(verdict_fd, token)
