@@ -80,6 +80,8 @@ TRICKS = {
         "real_exit = os._exit\n"
         "os.write = lambda *a: 0\nos.close = lambda *a: None\nos._exit = lambda *a: None\nsys.exit = lambda *a: None\n"
         "real_exit(0)\n"),
+    # the harness's own loop over the program's parts must not look `exec` up in the (patched) builtins
+    "patched_exec_skips_the_tests": WRONG + "import builtins\nbuiltins.exec = lambda *a, **k: None\n",
     # the completion's last line decorates the test's own `def check`: a no-op check "returns normally"
     "decorator_swallows_check": WRONG + "@lambda check: (lambda candidate: None)\n",
 }
@@ -116,6 +118,20 @@ JUMP = """    import sys
 def test_a_trace_hook_cannot_jump_over_the_asserts():
     # right for the first assert only; from inside it, a trace function jumps check to its last line
     res = check_correctness(TRAILING, JUMP.replace("SETTRACE", "sys.settrace(lambda *a: None)"), timeout=3.0)
+    assert not res.passed and res.status == "failed", res
+
+
+ABS = dict(ADD, task_id="toy/add-abs", test="def check(candidate):\n    assert abs(candidate(2, 3) - 5) < 1e-9\n")
+TYPE = {"task_id": "toy/name", "prompt": "def name():\n", "entry_point": "name",
+        "test": "def check(candidate):\n    assert isinstance(candidate(), str)\n"}
+
+
+@pytest.mark.parametrize("problem,completion", [
+    (ABS, WRONG + "import builtins\nbuiltins.abs = lambda x: 0\n"),
+    (TYPE, "    return 42\nimport builtins\nbuiltins.isinstance = lambda *a: True\n"),
+], ids=["abs", "isinstance"])
+def test_patched_builtins_do_not_reach_the_tests(problem, completion):
+    res = check_correctness(problem, completion, timeout=3.0)
     assert not res.passed and res.status == "failed", res
 
 

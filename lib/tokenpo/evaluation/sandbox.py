@@ -39,14 +39,17 @@ shared, the machine's processes are visible — is listed on every result, `Sand
 (empty when nothing is), and `isolation()` never picks a weaker configuration silently.
 
 The wrapper also compiles each part of a program on its own (`run_python(..., then=[...])`; HumanEval checks use
-it, so a completion cannot reach into the test's syntax, e.g. with a trailing decorator on `def check`) and, via
+it, so a completion cannot reach into the test's syntax, e.g. with a trailing decorator on `def check`), runs the
+later parts (the tests) with the builtins as they were before the program ran (a patched `abs` or `isinstance`
+does not reach them), and, via
 an audit hook, refuses `sys.settrace`/`sys.setprofile` (a trace function could jump over a test's asserts) and
 swapping a function's `__code__`.
 
 Limits of the verdict: the wrapper runs in the program's own interpreter, so a program that deliberately digs the
 token out of its interpreter's memory (frames, `gc`, `ctypes`) or otherwise rewrites the running test (patching
-`check` from a thread, poking interpreter memory with ctypes), or returns an object whose `__eq__` is always true,
-can still forge a pass — as with any in-process harness, OpenAI's included.
+a module the test imports, e.g. `math.isclose`, or a helper of the prompt the test calls; racing a thread against
+it; poking interpreter memory with ctypes), or returns an object whose `__eq__` is always true, can still forge a
+pass — as with any in-process harness, OpenAI's included.
 """
 from __future__ import annotations
 
@@ -152,7 +155,7 @@ _LAUNCHER = (Path(__file__).parent / "_sandbox_launcher.py").read_text(encoding=
 # all before any runs), runs them in order as __main__ (file names main.py, main.then1.py, ...: the copies in the
 # working directory serve tracebacks and `inspect`), and writes the token back only when the last one returned
 # normally. Everything it uses afterwards is bound before the program runs (patched builtins or `os` functions
-# cannot reach it).
+# cannot reach it), and the later parts (the tests) run with a copy of the builtins taken before the program ran.
 _WRAPPER = r'''
 def _tokenpo_sandbox(bundle_fd, verdict_fd):
     import json, os, sys
@@ -189,9 +192,12 @@ def _tokenpo_sandbox(bundle_fd, verdict_fd):
             raise error(event + " is disabled in the sandbox")
 
     sys.addaudithook(refuse)
+    run, pristine = exec, dict(builtins.__dict__)  # the builtins as they are before the program runs
     del json, os, sys, data, chunk, bundle, cwd, builtins, refuse
-    for code in codes:
-        exec(code, namespace)
+    run(codes[0], namespace)
+    for code in codes[1:]:  # later parts (the tests) see the pristine builtins, not what the program patched
+        namespace["__builtins__"] = pristine
+        run(code, namespace)
     write(verdict_fd, token)
     close(verdict_fd)
 
@@ -611,7 +617,8 @@ def run_python(source: str, limits: SandboxLimits | None = None, *, files: Mappi
     """Run `source` as `main.py` in a fresh temporary directory under the sandbox; never raises for the program's
     behaviour (only for a broken harness). `files` are extra text files written beside it. `then` are more parts
     of the program (e.g. its tests), run after it in the same `__main__` namespace but each compiled on its own,
-    so `source` cannot change how they parse (a trailing decorator or open bracket cannot swallow them). The
+    so `source` cannot change how they parse (a trailing decorator or open bracket cannot swallow them), and with
+    the builtins as they were before `source` ran. The
     result is "passed" only if every part ran to its end (see the module docstring) and the process exited 0."""
     limits = limits or SandboxLimits()
     iso = isolation()
