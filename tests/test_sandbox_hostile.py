@@ -399,6 +399,17 @@ def test_fallback_reports_itself_on_every_result(fallback, iso):
         assert not strong.weaknesses()
 
 
+def test_a_weaker_level_is_never_silent(monkeypatch, iso):
+    # no `unshare` on this "machine": the probe falls back to limits only, and says so, or refuses when asked to
+    real_which = sandbox.shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "unshare" else real_which(name))
+    weak = sandbox.isolation.__wrapped__()
+    assert weak.mode == "rlimits-only" and weak.weaknesses() and "no `unshare` executable" in weak.notes
+    monkeypatch.setenv("TOKENPO_SANDBOX_REQUIRE_FULL", "1")
+    with pytest.raises(RuntimeError, match="weaker than required"):
+        sandbox.isolation.__wrapped__()
+
+
 def _processes_with_cmdline(marker: bytes) -> list[int]:
     found = []
     for entry in os.scandir("/proc"):

@@ -5,8 +5,8 @@ Every program gets a fresh `python -I` interpreter in its own process, started t
 by a supervisor that reports the program's exact exit status and CPU time on a private pipe
 (`_sandbox_launcher.py` has the details):
 
-* **an honest verdict**: the program runs under a small wrapper that reads a secret random token from a pipe
-  before any of the program's code runs, and writes it back on a second, private pipe only after the whole program
+* **an honest verdict**: the program runs under a small wrapper that reads a secret random token from a private
+  descriptor before any of the program's code runs, and writes it back on a private pipe only after the program
   (for HumanEval: up to and including `check(entry_point)`) returned normally. A run passes only when the harness
   gets that exact token *and* the process then exits with status 0: `sys.exit(0)`, `os._exit(0)`, an `atexit`
   hook, a swallowing `sys.excepthook`, printed markers, patched builtins, killing the supervisor or scribbling on
@@ -36,14 +36,13 @@ the temporary directory and a supervisor that is a child subreaper remain: a pro
 daemons are still killed when it ends, TCP to 127.0.0.1 is refused by the filter, and the working directory is
 bounded by RLIMIT_FSIZE per file plus a watchdog on its total size. What is weaker — the host's /tmp & co. are
 shared, the machine's processes are visible — is listed on every result, `SandboxResult.weaker_isolation`
-(empty when nothing is), and `isolation()` never picks a weaker configuration silently.
+(empty when nothing is): `isolation()` takes a level only if all of it works, and a weaker one never silently.
 
 The wrapper also compiles each part of a program on its own (`run_python(..., then=[...])`; HumanEval checks use
 it, so a completion cannot reach into the test's syntax, e.g. with a trailing decorator on `def check`), runs the
 later parts (the tests) with the builtins as they were before the program ran (a patched `abs` or `isinstance`
-does not reach them), and, via
-an audit hook, refuses `sys.settrace`/`sys.setprofile` (a trace function could jump over a test's asserts) and
-swapping a function's `__code__`.
+does not reach them), and, via an audit hook, refuses `sys.settrace`/`sys.setprofile` (a trace function could
+jump over a test's asserts) and swapping a function's `__code__`.
 
 Limits of the verdict: the wrapper runs in the program's own interpreter, so a program that deliberately digs the
 token out of its interpreter's memory (frames, `gc`, `ctypes`) or otherwise rewrites the running test (patching
@@ -528,7 +527,8 @@ def isolation() -> Isolation:
     """Probe (once) the strongest isolation that works here, by actually running a program under each level, and
     an interpreter the sandbox user can execute (a pyenv Python under /root is out of reach for uid 65534).
     A level is taken only if all of it works (private mounts included); what the chosen one lacks is in
-    `Isolation.weaknesses()` and on every result."""
+    `Isolation.weaknesses()` and on every result. With TOKENPO_SANDBOX_REQUIRE_FULL=1 in the environment a weaker
+    level is an error instead (RuntimeError, with the reasons)."""
     notes = []
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
     uid = int(os.environ.get("TOKENPO_SANDBOX_UID", "65534")) if is_root else None
@@ -546,7 +546,11 @@ def isolation() -> Isolation:
         for python in _python_candidates():
             ok, why = _probe(replace(cand, python=python))
             if ok:
-                return replace(cand, python=python, notes=tuple(notes))
+                chosen = replace(cand, python=python, notes=tuple(notes))
+                if chosen.weaknesses() and os.environ.get("TOKENPO_SANDBOX_REQUIRE_FULL", "") not in ("", "0"):
+                    raise RuntimeError(f"sandbox isolation is weaker than required ({chosen.mode}): "
+                                       + "; ".join(chosen.weaknesses() + chosen.notes))
+                return chosen
             notes.append(f"{cand.mode} (private_tmp={cand.private_tmp}, {python}) unavailable: {why}")
     raise RuntimeError("no sandbox configuration works on this machine:\n" + "\n".join(notes))
 
