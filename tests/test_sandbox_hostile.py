@@ -54,7 +54,8 @@ ADD_RAISE = dict(ADD, task_id="toy/add-raise",
                  test="def check(candidate):\n    if candidate(2, 3) != 5:\n        raise AssertionError('wrong')\n")
 
 WRONG = "    return a - b\n"
-# each trick is a wrong answer that ends with exit status 0 (so the old exit-code verdict scored it passed)
+# each trick is a wrong answer that the old exit-status verdict scored "passed" (but patched_exec_skips_the_tests,
+# which guards the new wrapper)
 TRICKS = {
     "sys_exit_at_module_level": WRONG + "import sys\nsys.exit(0)\n",
     "os_exit_at_module_level": WRONG + "import os\nos._exit(0)\n",
@@ -110,14 +111,14 @@ JUMP = """    import sys
         return jump
     frame.f_trace = jump
     frame.f_trace_lines = True
-    SETTRACE
+    sys.settrace(lambda *a: None)  # tracing on, so frame.f_trace runs
     return 5 if (a, b) == (2, 3) else a - b
 """
 
 
 def test_a_trace_hook_cannot_jump_over_the_asserts():
     # right for the first assert only; from inside it, a trace function jumps check to its last line
-    res = check_correctness(TRAILING, JUMP.replace("SETTRACE", "sys.settrace(lambda *a: None)"), timeout=3.0)
+    res = check_correctness(TRAILING, JUMP, timeout=3.0)
     assert not res.passed and res.status == "failed", res
 
 
@@ -168,7 +169,7 @@ def _host_paths(name: str) -> list[str]:
 
 WRITE_EVERYWHERE = """
 import os, sys
-for path in sys.argv_paths:
+for path in __PATHS__:
     try:
         with open(path, 'w') as f:
             f.write('sandbox was here')
@@ -179,7 +180,7 @@ for path in sys.argv_paths:
 
 
 def _write_everywhere(paths: list[str]) -> str:
-    return WRITE_EVERYWHERE.replace("sys.argv_paths", repr(paths))
+    return WRITE_EVERYWHERE.replace("__PATHS__", repr(paths))
 
 
 def test_tmp_like_folders_are_private(iso):
