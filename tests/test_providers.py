@@ -505,3 +505,21 @@ def test_mapo_provider_equals_mapo_masks_without_a_second_forward(models, batch)
     expected = mapo_batch_masks(model, b)
     for got, want in zip(seen["out"]["masks"], expected):
         torch.testing.assert_close(got, want)
+
+
+def test_sepo_bad_input_names_the_row_and_the_tokenizer():
+    from tokenpo.providers import SePOSelections
+    from tokenpo.providers.sepo import check_same_vocabulary
+
+    rows = [{"row_index": 7, "prompt_ids": [5, 6], "chosen_ids": [11, 1], "rejected_ids": [21, 22, 23, 24, 1],
+             "chosen_token_scores": [0.1, 0.2], "rejected_token_scores": [0.1, 0.2, 0.3, 0.4, 0.5]}]
+    ctx, _ = _context(rows)
+    with pytest.raises(ValueError, match=r"no chosen token in dataset row\(s\) \[7\].*shorter than 1/0.3 tokens"):
+        SePOSelections(0.3, 0.3, min_count=0)(ctx)
+    assert SePOSelections(0.3, 0.3)(ctx)["selections"][0].sum() == 1          # min_count=1 keeps one token
+    bad = dict(rows[0], chosen_token_scores=[0.1, 0.2, 0.3])                   # scores not aligned with the tokens
+    with pytest.raises(ValueError, match=r"row 7 has 3 values in chosen_token_scores but 2 completion tokens"):
+        _context([bad])
+    other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB + 5, n_positions=32))
+    with pytest.raises(ValueError, match=r"oracle's vocabulary \(69 tokens\) differs from the reference's \(64\)"):
+        check_same_vocabulary(other, _gpt2())

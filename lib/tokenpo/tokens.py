@@ -40,6 +40,7 @@ __all__ = [
     "label_mask",
     "align_to_labels",
     "completion_logps",
+    "next_token_loss",
     "token_stats",
     "chunked_token_stats",
     "hidden_states",
@@ -126,6 +127,22 @@ def completion_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: 
     labels = completion_labels(input_ids, completion_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return token_stats(align_to_labels(logits), labels, with_kl=False).logps
+
+
+def next_token_loss(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                    targets: Tensor | None = None) -> tuple[Tensor, int]:
+    """(Σ of the next-token negative log-likelihood over the predicted tokens, their number): the causal-LM loss of
+    pretraining and SFT. Each position predicts the next input token; with ``targets`` [B, L] (packed blocks: the
+    inputs shifted by one) every position predicts its target instead. With an ``attention_mask``, padding positions
+    are neither predicted nor counted."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    if targets is None:
+        logits, targets = align_to_labels(logits), input_ids[:, 1:]
+        if attention_mask is not None:
+            targets = targets.masked_fill(label_mask(attention_mask) == 0, IGNORE_INDEX)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                             reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
 
 
 def _check_labels(labels: Tensor, vocab_size: int, batch_shape: tuple[int, ...], what: str) -> None:

@@ -18,7 +18,8 @@ from tokenpo.tokens import completion_logps
 
 from .base import PAIR_SIDES, Provider, StepContext
 
-__all__ = ["SePOSelections", "selection_counts", "sepo_selection", "oracle_scores", "score_pairs", "row_uniforms"]
+__all__ = ["SePOSelections", "selection_counts", "sepo_selection", "oracle_scores", "score_pairs", "row_uniforms",
+           "check_same_vocabulary"]
 
 
 def selection_counts(mask: Tensor, ratio: float, min_count: int = 1) -> Tensor:
@@ -121,6 +122,13 @@ class SePOSelections(Provider):
         selections = tuple(sepo_selection(s.to(m.device), m, ratio, highest=h, min_count=self.min_count)
                            for s, m, ratio, h in zip(scores, masks, (self.ratio_chosen, self.ratio_rejected),
                                                       highest))
+        for side, selection, mask, ratio in zip(PAIR_SIDES, selections, masks, (self.ratio_chosen, self.ratio_rejected)):
+            empty = ((selection.sum(-1) == 0) & (mask.sum(-1) > 0)).nonzero().flatten().tolist()
+            if empty:
+                rows = [int(ctx.batch["row_index"][i]) for i in empty]
+                raise ValueError(f"SePO selects no {side} token in dataset row(s) {rows}: their responses are shorter "
+                                 f"than 1/{ratio:g} tokens, so int({ratio:g}·N) = 0 (min_count={self.min_count}); "
+                                 "use min_count >= 1 or drop those rows")
         return {"selections": selections}
 
     def settings(self) -> dict[str, Any]:
@@ -128,17 +136,32 @@ class SePOSelections(Provider):
                 "seed": self.seed, "min_count": self.min_count}
 
 
+def check_same_vocabulary(oracle: nn.Module, reference: nn.Module, oracle_tokenizer=None, tokenizer=None) -> None:
+    """ValueError when the oracle cannot score the reference's tokens: another output vocabulary, or (when both
+    tokenizers are given) another token-to-id mapping."""
+    sizes = [m.get_output_embeddings().weight.shape[0] for m in (oracle, reference)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the oracle's vocabulary ({sizes[0]} tokens) differs from the reference's ({sizes[1]}): SePO "
+                         "scores the tokens of one tokenizer — train the oracle from the reference (or a model that "
+                         "shares its tokenizer)")
+    if oracle_tokenizer is not None and tokenizer is not None and oracle_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError("the oracle's tokenizer maps tokens to other ids than the reference's: SePO scores the tokens "
+                         "of one tokenizer")
+
+
 @torch.no_grad()
 def score_pairs(oracle: nn.Module, reference: nn.Module, pairs, collator=None, column: str = "token_scores",
-                batch_size: int = 16, progress: bool = True):
+                batch_size: int = 16, progress: bool = True, oracle_tokenizer=None, tokenizer=None):
     """The tokenised pairs with ``chosen_<column>``/``rejected_<column>`` added: the SePO score of every completion
     token (one value per token of ``chosen_ids``/``rejected_ids``, EOS included), in batches, on the oracle's device.
-    """
+    The oracle must share the reference's tokenizer (checked: vocabulary size, and the mappings when both tokenizers
+    are given)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from tokenpo.data.collator import PreferenceCollator
 
+    check_same_vocabulary(oracle, reference, oracle_tokenizer, tokenizer)
     if collator is None:
         pad = getattr(getattr(reference, "config", None), "pad_token_id", None)
         collator = PreferenceCollator(pad if pad is not None else 0, token_keys=())

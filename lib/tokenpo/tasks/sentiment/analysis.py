@@ -16,8 +16,11 @@ EVAL_COLUMNS = ("reward", "vader", "kl", "kl_sampled", *DETECTORS, "judge")
 
 
 def label(result: RunResult) -> str:
-    """"method β=…" (SimPO: "simpo β=… γ=…"): what a legend shows and what claims compare."""
+    """"method β=…" (SimPO: "simpo β=… γ=…"; SePO: "sepo k=k_w/k_l [group]"): what a legend shows and what claims
+    compare."""
     spec = result.spec
+    if spec.k is not None:
+        return f"{spec.method} k={spec.k[0]:g}/{spec.k[1]:g}" + ("" if spec.group == "main" else f" [{spec.group}]")
     return f"{spec.method} β={spec.beta:g}" + ("" if spec.gamma is None else f" γ={spec.gamma:g}")
 
 
@@ -105,3 +108,11 @@ def claim_data(a: pd.Series, b: pd.Series | None = None, what: str = "value"):
     if len(a) < 2 or (b is not None and len(b) < 2):
         return NoData(f"fewer than 2 runs with a {what}")
     return a if b is None else (a, b)
+
+
+def best_simpo(grid: Sequence[RunResult], anchor: dict, levels: Sequence[float]) -> tuple[float, float]:
+    """SimPO's (β, γ) for its main runs, by the pre-registered rule: the grid setting with the steepest
+    reward-vs-√KL slope (the most reward per unit of divergence)."""
+    front = frontier_per_run(checkpoint_table(grid, anchor), levels, anchor["reward"]).reset_index()
+    best = front.loc[front["sqrt_kl_a"].idxmax(), "label"]
+    return next((r.spec.beta, r.spec.gamma) for r in grid if label(r) == best)

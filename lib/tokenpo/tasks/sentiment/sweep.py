@@ -22,34 +22,42 @@ from tokenpo.training import TrainConfig, train
 
 SWEEP_VERSION = 2
 METHODS = {  # label -> (objective, fixed hyper-parameters)
-    "dpo": ("dpo", {}), "tdpo1": ("tdpo1", {}), "tdpo2": ("tdpo2", {}), "simpo": ("simpo", {}),
+    "dpo": ("dpo", {}), "ipo": ("ipo", {}), "tdpo1": ("tdpo1", {}), "tdpo2": ("tdpo2", {}), "simpo": ("simpo", {}),
     "mapo": ("mapo", {}), "sparsepo_common": ("sparsepo", {"common": True}),
     "sparsepo_independent": ("sparsepo", {"common": False}),
+    "sepo": ("sepo", {}), "sepo_rand": ("sepo", {}),      # oracle-selected tokens / uniformly random tokens
 }
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: a method label of `METHODS`, its β (SimPO: β and its margin γ), a seed (model init of the
-    mask networks, data order, sampling), and the group it belongs to ("main" or "simpo-grid", the pilot that picks
-    SimPO's setting before its main runs)."""
+    """One training run: a method label of `METHODS`, its β (SimPO: β and its margin γ; SePO: β is its reward scale
+    γ), a seed (model init of the mask networks, data order, random tokens, sampling), SePO's selected shares
+    k = (k_w, k_l), and the group it belongs to (e.g. "main", or "simpo-grid", the pilot that picks SimPO's setting
+    before its main runs)."""
 
     method: str
     beta: float
     seed: int = 0
     gamma: float | None = None
     group: str = "main"
+    k: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method label {self.method!r}; known: {sorted(METHODS)}")
         if (self.gamma is not None) != (self.method == "simpo"):
             raise ValueError(f"RunSpec {self}: γ is SimPO's margin; give it for SimPO runs only")
+        if (self.k is not None) != (METHODS[self.method][0] == "sepo"):
+            raise ValueError(f"RunSpec {self}: k = (k_w, k_l) is SePO's share of selected tokens; give it for SePO "
+                             "runs only")
 
     @property
     def name(self) -> str:
         margin = "" if self.gamma is None else f"-g{self.gamma:g}"
-        return f"{self.method}-b{self.beta:g}{margin}-s{self.seed}" + ("" if self.group == "main" else f"-{self.group}")
+        shares = "" if self.k is None else f"-k{self.k[0]:g}_{self.k[1]:g}"
+        return (f"{self.method}-b{self.beta:g}{margin}{shares}-s{self.seed}"
+                + ("" if self.group == "main" else f"-{self.group}"))
 
     @property
     def is_sparsepo(self) -> bool:
@@ -74,6 +82,12 @@ def train_config(spec: RunSpec, cfg: SentimentConfig, out_dir: str | Path, steps
     if spec.gamma is not None:
         hparams["gamma"] = spec.gamma
     kwargs = {}
+    if objective == "sepo":
+        from tokenpo.providers import SePOSelections
+
+        hparams = {"gamma": spec.beta}
+        column = "token_scores" if spec.method == "sepo" else None
+        kwargs = dict(providers=[SePOSelections(spec.k[0], spec.k[1], column=column, seed=spec.seed)])
     if objective == "sparsepo":
         from tokenpo.providers import SparsePOMasks
 
@@ -146,8 +160,9 @@ def _repeated_rewarded_words(reward, texts: Sequence[str]) -> float:
 class _RunCallback:
     """Checkpoint evaluations during the run, and the per-run analyses at its last step."""
 
-    def __init__(self, evaluator: CheckpointEvaluator | None, steps: Sequence[int], analyse: Callable | None):
-        self.evaluator, self.steps, self.analyse = evaluator, sorted(steps), analyse
+    def __init__(self, evaluator: CheckpointEvaluator | None, steps: Sequence[int], analyse: Callable | None,
+                 judge: bool = True):
+        self.evaluator, self.steps, self.analyse, self.judge = evaluator, sorted(steps), analyse, judge
         self.evals: list[dict] = []
         self.analysis: dict = {}
         self.initial_masks: dict | None = None
@@ -163,16 +178,16 @@ class _RunCallback:
             return
         start = time.perf_counter()
         last = step == self.steps[-1]
-        self.evals.append({"step": step, **self.evaluator(policy, with_judge=last)})
+        self.evals.append({"step": step, **self.evaluator(policy, with_judge=last and self.judge)})
         if last and self.analyse is not None:
             self.analysis = self.analyse(policy, _mask_provider(providers), self.initial_masks)
         self.eval_seconds += time.perf_counter() - start
 
 
 def pairs_fingerprint(pairs) -> str:
-    """The identity of tokenised pairs: a hash of every row's token ids (and per-token columns)."""
-    keys = sorted(k for k in pairs[0] if k.endswith("_ids") or k == "swapped")
-    return content_hash([[list(row[k]) for k in keys] for row in pairs])
+    """The identity of tokenised pairs: a hash of every column of every row (token ids, per-token columns such as
+    oracle scores, texts)."""
+    return content_hash([{k: row[k] for k in sorted(row)} for row in pairs])
 
 
 def _mask_provider(providers):
@@ -212,8 +227,9 @@ class RunResult:
 
 def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: CheckpointEvaluator | None,
         identity: dict, collator, analyse: Callable | None = None, steps: int | None = None,
-        eval_steps: Sequence[int] = ()) -> RunResult:
+        eval_steps: Sequence[int] = (), judge: bool = True) -> RunResult:
     """Train one run and return its per-step history, checkpoint evaluations, last-step analyses and mask networks.
+    `judge=False` skips the MiniLM judge at the last checkpoint (the slowest part of an evaluation).
 
     Cached by the run's settings and `identity` (what the run depends on that is not in its settings: the reference,
     the reward, the evaluation, the analyses) together with a hash of the pairs and of the training code."""
@@ -224,11 +240,11 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
     settings = {k: getattr(probe, k) for k in probe.__dataclass_fields__ if k not in ("out_dir", "progress", "providers")}
     settings["providers"] = [p.settings() for p in probe.providers or []]
     inputs = {"kind": "sentiment-run", "version": SWEEP_VERSION, "spec": asdict(spec), "train": settings,
-              "eval_steps": sorted(eval_steps), **identity, "pairs": pairs_fingerprint(pairs),
+              "eval_steps": sorted(eval_steps), "judge": judge, **identity, "pairs": pairs_fingerprint(pairs),
               "code": code_fingerprint(*TRAINING_CODE)}
 
     def build(folder: Path) -> None:
-        callback = _RunCallback(evaluator, eval_steps, analyse)
+        callback = _RunCallback(evaluator, eval_steps, analyse, judge)
         policy = copy.deepcopy(reference).requires_grad_(True)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
