@@ -61,7 +61,7 @@ class SleepAfter:
 
 
 def run(out_dir, *, n_pairs=16, batch_size=4, grad_accum=1, max_steps=8, save_every=None, seed=0,
-        method="dpo", lr=1e-3, resume=False, callbacks=(), eval_dataset=None, **config):
+        method="dpo", lr=1e-3, resume=False, callbacks=(), eval_dataset=None, allow_config_changes=(), **config):
     """One run on the standard tiny set-up (a fresh model each time, same init for the same seed)."""
     torch.set_num_threads(1)
     settings = dict(method=method, learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum,
@@ -69,7 +69,8 @@ def run(out_dir, *, n_pairs=16, batch_size=4, grad_accum=1, max_steps=8, save_ev
                     cpu=True, schedule="constant", save_final=False)
     settings.update(config)
     return train(tiny_model(seed), None, make_pairs(n_pairs, seed), TrainConfig(**settings), collator=collate,
-                 resume=resume, callbacks=list(callbacks), eval_dataset=eval_dataset)
+                 resume=resume, callbacks=list(callbacks), eval_dataset=eval_dataset,
+                 **({"allow_config_changes": tuple(allow_config_changes)} if allow_config_changes else {}))
 
 
 def main(argv: list[str]) -> None:

@@ -269,8 +269,10 @@ def test_nan_loss_stops_with_the_step_and_the_dataset_rows(tmp_path):
     policy = helper.tiny_model(0, tie=False)
     with torch.no_grad():
         policy.transformer.wte.weight[helper.POISON] = float("nan")  # only the poisoned row contains this token
+    # checkpoint-1 exists when step 2 fails, so the run folder stays (a run that fails before its first checkpoint
+    # removes what it wrote: tests/test_trainer_adoption.py)
     config = TrainConfig(method="dpo", batch_size=batch_size, max_steps=4, out_dir=str(tmp_path), cpu=True,
-                         progress=False, seed=0, learning_rate=1e-3)
+                         progress=False, seed=0, learning_rate=1e-3, save_every=1)
     with pytest.raises(NonFiniteLossError, match=rf"at step {step}: dataset rows \[{poison_row}\]") as info:
         train(policy, None, helper.make_pairs(n_pairs, poison_row=poison_row), config, collator=helper.collate)
     assert info.value.step == step and info.value.rows == [poison_row]

@@ -26,18 +26,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from .cache import PROJECT_ROOT, cached_step, content_hash, is_cached
 from .profiles import Profile, WorldConfig, get_profile
+from .tokens import next_token_loss
 from .utils import set_seed
 
 EOS = "<|endoftext|>"
 # Bump when the tokenizer or pretraining code changes in a way that changes its output (invalidates the cache).
-WORLD_CODE_VERSION = 1
+WORLD_CODE_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
 def load_tokenizer(path_or_id: str | Path):
     """A tokenizer from a local folder, a hub id (hub ids only work online, e.g. in the `paper` profile) or the name
-    of an offline model (:data:`OFFLINE_MODELS`, converted and cached on first use)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path_or_id))
+    of an offline model (:data:`OFFLINE_MODELS`, converted and cached on first use). A folder without tokenizer files,
+    a missing path or a hub id that is neither cached nor reachable is an error naming it (`_model_source`)."""
+    tokenizer = AutoTokenizer.from_pretrained(_model_source(path_or_id, "tokenizer"))
     if tokenizer.pad_token is None:  # GPT-2 has no pad token; padding positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -45,10 +47,67 @@ def load_tokenizer(path_or_id: str | Path):
 
 def load_model(path_or_id: str | Path, dtype: torch.dtype | None = None, **kwargs):
     """A causal LM from a local folder, a hub id or the name of an offline model (:data:`OFFLINE_MODELS`, converted
-    and cached on first use), through `AutoModelForCausalLM.from_pretrained`."""
+    and cached on first use), through `AutoModelForCausalLM.from_pretrained`. A folder without `config.json`, a
+    missing path or a hub id that is neither cached nor reachable is an error naming it (`_model_source`)."""
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path_or_id), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(_model_source(path_or_id, "model"), **kwargs)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt",
+                    "spiece.model")
+
+
+def _model_source(path_or_id: str | Path, what: str) -> str:
+    """What `from_pretrained` is given for `what` ("model" or "tokenizer"), checked first so that a mistake is named
+    plainly: an existing folder must hold `config.json` (a model) or tokenizer files; a path that does not exist
+    (absolute, relative with a `./`, `~` or more than one `/`, or a Path) is FileNotFoundError; a hub id
+    (`name` or `owner/name`) must be in the hub cache, or the hub must answer quickly (else OSError, instead of
+    minutes of retries)."""
+    import os
+
+    text = resolve_model_path(path_or_id)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file: from_pretrained needs a model folder (save_pretrained's output)")
+        if what == "model" and not (path / "config.json").exists():
+            raise ValueError(f"model folder {path} has no config.json, so it is not a 🤗 model folder (write one with "
+                             f"model.save_pretrained(folder)); it holds {sorted(p.name for p in path.iterdir())[:8]}")
+        if what == "tokenizer" and not any((path / name).exists() for name in _TOKENIZER_FILES):
+            raise ValueError(f"folder {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, …): write them "
+                             "with tokenizer.save_pretrained(folder)")
+        return str(path)
+    looks_like_path = (isinstance(path_or_id, Path) or text.startswith((".", "/", "~", "\\")) or text.count("/") > 1
+                       or os.sep != "/" and os.sep in text)
+    if looks_like_path:
+        raise FileNotFoundError(f"{what} folder {path} does not exist (resolved: {path.resolve()})")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(text, name), str)
+           for name in (("config.json",) if what == "model" else _TOKENIZER_FILES)):
+        return text
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    reason = "offline mode (HF_HUB_OFFLINE)" if offline else _hub_unreachable(constants.ENDPOINT)
+    if reason:
+        raise OSError(f"{text!r} is not a local folder (no {path.resolve()}), not in the hub cache "
+                      f"({constants.HF_HUB_CACHE}), and the hub cannot be used: {reason}. Pass the folder of a saved "
+                      "model (save_pretrained), or download it where the hub can be reached.")
+    return text
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """None if the hub's host accepts a connection within `timeout` seconds, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as error:
+        return f"{url.hostname} cannot be reached ({error})"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- offline models
@@ -242,25 +301,15 @@ def evaluate_lm(model, blocks: torch.Tensor, batch_size: int = 64, autocast: boo
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start:start + batch_size]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+            loss, n = next_token_loss(model, batch[:, :-1], targets=batch[:, 1:])
         total += loss.item()
-        count += batch[:, 1:].numel()
+        count += n
     model.train()
     return total / count
 
 
 def bits_per_char(nats_per_token: float, n_tokens: int, n_chars: int) -> float:
     return nats_per_token * n_tokens / n_chars / math.log(2)
-
-
-def cosine_lr(step: int, world: WorldConfig) -> float:
-    """Linear warm-up, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
-    if step < world.warmup_steps:
-        return world.lr * (step + 1) / world.warmup_steps
-    progress = min(1.0, (step - world.warmup_steps) / max(1, world.max_steps - world.warmup_steps))
-    floor = world.lr * world.min_lr_ratio
-    return floor + 0.5 * (world.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -271,53 +320,56 @@ class PretrainResult:
     val_loss: list[float]
     tokens_seen: int
     seconds: float
-    stopped_by_time: bool
 
 
 def pretrain(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, world: WorldConfig, seed: int = 0,
              progress: bool = True) -> PretrainResult:
-    """Next-token pretraining with AdamW and a warm-up + cosine schedule, on random batches of packed blocks.
+    """Next-token pretraining with AdamW and a linear warm-up + cosine schedule to `lr · min_lr_ratio`
+    (transformers' `get_cosine_with_min_lr_schedule_with_warmup`), on batches of packed blocks in a seeded order per
+    epoch, for exactly `world.max_steps` steps: the result depends on the seed and the data, never on the machine's
+    speed. `world.max_minutes`, when set, stops a slower run with a TimeoutError naming it (and nothing is cached)
+    rather than returning a model trained for fewer steps."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    Stops at `world.max_steps`, or earlier when `world.max_minutes` of wall time are spent (a safety net: the
-    schedule is set by steps so that results do not depend on the machine's speed)."""
+    from tokenpo.training.checkpoint import EpochSampler
+
     set_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": world.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=world.lr, betas=(0.9, 0.95))
-    result = PretrainResult([], [], [], [], 0, 0.0, False)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, world.warmup_steps, world.max_steps,
+                                                            min_lr_rate=world.min_lr_ratio)
+    result = PretrainResult([], [], [], [], 0, 0.0)
     start = time.perf_counter()
-    order = torch.randperm(len(train_blocks), generator=generator)
-    cursor = 0
+    sampler, epoch, order = EpochSampler(len(train_blocks), seed), 0, []
     model.train()
     bar = tqdm(range(world.max_steps), desc="pretraining", disable=not progress, mininterval=2.0)
     for step in bar:
-        if cursor + world.batch_size > len(order):  # next epoch: a fresh permutation
-            order, cursor = torch.randperm(len(train_blocks), generator=generator), 0
-        batch = train_blocks[order[cursor:cursor + world.batch_size]]
-        cursor += world.batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, world)
+        if len(order) < world.batch_size:          # next epoch: a fresh permutation, drawn from (seed, epoch)
+            sampler.set_epoch(epoch)
+            order, epoch = list(sampler), epoch + 1
+        batch, order = train_blocks[order[:world.batch_size]], order[world.batch_size:]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=world.autocast_bf16):
-            logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            total, count = next_token_loss(model, batch[:, :-1], targets=batch[:, 1:])
+        loss = total / count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        scheduler.step()
         result.steps.append(step + 1)
         result.train_loss.append(loss.item())
-        result.tokens_seen += batch[:, 1:].numel()
-        last = step + 1 == world.max_steps
-        out_of_time = world.max_minutes is not None and time.perf_counter() - start > 60 * world.max_minutes
-        if (step + 1) % world.eval_every == 0 or last or out_of_time:
+        result.tokens_seen += count
+        if (step + 1) % world.eval_every == 0 or step + 1 == world.max_steps:
             result.val_steps.append(step + 1)
             result.val_loss.append(evaluate_lm(model, val_blocks, autocast=world.autocast_bf16))
             bar.set_postfix(train=f"{loss.item():.3f}", val=f"{result.val_loss[-1]:.3f}")
-        if out_of_time:
-            result.stopped_by_time = True
-            break
+        minutes = (time.perf_counter() - start) / 60
+        if world.max_minutes is not None and minutes > world.max_minutes and step + 1 < world.max_steps:
+            raise TimeoutError(f"pretraining exceeded WorldConfig.max_minutes={world.max_minutes:g} at step "
+                               f"{step + 1} of {world.max_steps} ({minutes:.1f} min): raise the limit or set it to "
+                               "None; stopping early would give a different model, so nothing was saved")
     result.seconds = time.perf_counter() - start
     model.eval()
     return result
@@ -395,7 +447,6 @@ def build_world(corpora: dict[str, list[str]], world: WorldConfig, seed: int = 0
             "epochs": result.tokens_seen / train_blocks[:, 1:].numel(),
             "steps": result.steps[-1],
             "train_seconds": round(result.seconds, 1),
-            "stopped_by_time": result.stopped_by_time,
             "chars_per_token": chars_per_token(tokenizer, val_sets["all"]),
         }
         for name, (blocks, n_chars) in val_blocks.items():

@@ -1,33 +1,54 @@
 """Optimizer parameter groups and learning-rate schedules shared by the preference trainer and SFT."""
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-SCHEDULES = ("cosine", "linear", "constant")
+# Our names -> transformers' SchedulerType. "constant" has always meant warm-up, then constant (transformers'
+# constant_with_warmup); every other name is transformers' own.
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup",
+             "constant_with_warmup": "constant_with_warmup", "polynomial": "polynomial",
+             "cosine_with_restarts": "cosine_with_restarts", "inverse_sqrt": "inverse_sqrt"}
 
 
-def schedule_factor(kind: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at optimizer step `step` (0-based), as 🤗 transformers'
-    `get_{cosine,linear,constant}_schedule_with_warmup`: linear warm-up from 0, then cosine/linear decay to 0 at
-    `total_steps`, or constant."""
+def schedule_factor(kind: str, total_steps: int, warmup_steps: int, lr: float = 1.0) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): the lambda of 🤗 transformers'
+    `get_scheduler(kind, ...)` itself (`get_{cosine,linear,constant}_schedule_with_warmup`, …), taken from the
+    `LambdaLR` it builds.
+
+    Kept as a function, not only as `get_scheduler`'s scheduler, because the providers' parameter group multiplies it
+    by a delayed factor (`delayed_factor`: frozen, then ramped up) in one `LambdaLR` with one lambda per group;
+    tests/test_trainer_adoption.py checks it equals transformers' schedule step by step. ``lr`` is the base learning
+    rate of the group it multiplies (only "polynomial" depends on it: it decays towards an absolute lr_end)."""
     if kind not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)} (transformers' get_scheduler), got {kind!r}")
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=lr)
+    scheduler = get_scheduler(SCHEDULES[kind], probe, num_warmup_steps=warmup_steps,
+                              num_training_steps=max(1, total_steps))
+    return scheduler.lr_lambdas[0]
 
-    return factor
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int,
+                   provider_freeze_steps: int = 0, provider_warmup_steps: int = 0,
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The run's schedule: transformers' `get_scheduler` when no parameter group is the providers'; otherwise one
+    `LambdaLR` with transformers' lambda for the policy's groups and the delayed one for the providers'."""
+    names = [group.get("name") for group in optimizer.param_groups]
+    if "providers" not in names:
+        from transformers import get_scheduler
+
+        return get_scheduler(SCHEDULES[kind], optimizer, num_warmup_steps=warmup_steps,
+                             num_training_steps=max(1, total_steps))
+    factors = []
+    for group in optimizer.param_groups:
+        base = schedule_factor(kind, total_steps, warmup_steps, lr=group["lr"])
+        factors.append(delayed_factor(base, provider_freeze_steps, provider_warmup_steps)
+                       if group.get("name") == "providers" else base)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def delayed_factor(base: Callable[[int], float], freeze_steps: int, warmup_steps: int) -> Callable[[int], float]:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from tokenpo.utils import pad_token_id, set_seed
 
 from .checkpoint import EpochSampler
-from .optim import parameter_groups, schedule_factor
+from .optim import make_scheduler, parameter_groups, schedule_factor
 
 __all__ = ["SFTConfig", "sft", "heldout_loss"]
 
@@ -30,7 +30,8 @@ class SFTConfig:
     """learning_rate, weight_decay (matrices only), schedule ("cosine" | "linear" | "constant") after warmup_steps
     (or warmup_ratio) of linear warm-up; epochs over the training texts, or max_steps optimizer steps if set;
     batch_size texts per step; max_length tokens per text (incl. EOS); heldout_fraction of the texts kept out of
-    training (0 = none); eval_every steps (None = only before and after); seed (split, order, dropout)."""
+    training (0 = none); eval_every steps (None = only before and after); seed (split, order, dropout). Schedules are
+    transformers' (``get_scheduler``; :data:`tokenpo.training.optim.SCHEDULES`)."""
 
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -133,7 +134,7 @@ def sft(model, tokenizer, texts: Sequence[str], config: SFTConfig | None = None,
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.learning_rate, config.weight_decay, provider_prefix=""),
                                   lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(config.schedule, total_steps, warmup))
+    scheduler = make_scheduler(optimizer, config.schedule, total_steps, warmup)  # transformers' get_scheduler
 
     def evaluate(step: int) -> None:
         if heldout:
