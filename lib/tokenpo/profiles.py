@@ -164,7 +164,7 @@ _CPU_SENTIMENT = SentimentConfig(
     train_prompts=800, heldout_pairs=256, eval_prompts=256, anchor_samples=1024,
     runs=(("dpo", (0.1,)), ("tdpo1", (0.1,)), ("sparsepo_common", (0.1,)), ("sparsepo_independent", (0.1, 0.8))),
     seeds=5, simpo_grid=((1.0, 0.5), (2.0, 0.5), (2.0, 1.0), (4.0, 1.0)), steps=60, eval_steps=(20, 40, 60),
-    kl_levels=(1.0, 3.0), larger_profile_only=("tdpo2", "mapo"),
+    kl_levels=(1.0, 2.0), larger_profile_only=("tdpo2", "mapo"),
 )
 
 _PAPER_SENTIMENT = replace(
