@@ -547,3 +547,22 @@ def test_non_finite_weights_off_the_completion_reach_neither_loss_nor_gradient(n
     torch.testing.assert_close(got, expected.detach())
     grads = torch.autograd.grad(got.sum(), [*base, *poisoned], allow_unused=True)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_fpo_ablation_options():
+    """stop_chosen=False lets gradient reach the chosen features; feature weights scale one feature's term (and
+    always count it)."""
+    chosen, rejected = stats(requires_grad=True)
+    features, ref_features = pair(FEAT_W, FEAT_L, True), pair(REF_FEAT_W, REF_FEAT_L)
+    out = fpo(chosen, rejected, features=features, ref_features=ref_features, k=2, stop_chosen=False)
+    g_fw, g_fl = _grads(out, *features)
+    assert (g_fw != 0).any() and (g_fl != 0).any()
+    base = fpo(*stats(), features=pair(FEAT_W, FEAT_L), ref_features=ref_features, k=1)
+    # feature 3 is outside every row's policy top-1: weighting it adds w·(c̄ − c̄_ref)² / k to D
+    weights = torch.tensor([1.0, 1.0, 1.0, 4.0], dtype=torch.float64)
+    weighted = fpo(*stats(), features=pair(FEAT_W, FEAT_L), ref_features=ref_features, k=1, feature_weights=weights)
+    extra = [4.0 * (FEAT_L[b][3] - REF_FEAT_L[b][3]) ** 2 for b in range(2)]
+    torch.testing.assert_close(weighted.metrics["features/mse_rejected"] - base.metrics["features/mse_rejected"],
+                               torch.tensor(sum(extra) / 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"feature_weights must be \[F=4\]"):
+        fpo(*stats(), features=pair(FEAT_W, FEAT_L), ref_features=ref_features, k=1, feature_weights=torch.ones(3))

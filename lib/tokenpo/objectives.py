@@ -367,18 +367,24 @@ def _feature_pair(name: str, pair: Pair | None, batch: int) -> Pair:
     return pair[0], pair[1]
 
 
-def _feature_mse(policy: Tensor, reference: Tensor, k: int, topk: str) -> Tensor:
-    """D_FPO = (1/k)·Σ_{i∈I_k} (c̄_θ,i − c̄_ref,i)² per row; I_k = top-k of the policy features or the union."""
+def _feature_mse(policy: Tensor, reference: Tensor, k: int, topk: str, weights: Tensor | None = None) -> Tensor:
+    """D_FPO = (1/k)·Σ_{i∈I} w_i (c̄_θ,i − c̄_ref,i)² per row; I = top-k of the policy features (or the union with the
+    reference's), plus every feature with a weight w_i ≠ 1 (default w ≡ 1)."""
     selected = torch.zeros_like(policy, dtype=torch.bool)
     selected.scatter_(1, policy.detach().topk(k, dim=-1).indices, True)
     if topk == "union":
         selected.scatter_(1, reference.topk(k, dim=-1).indices, True)
-    return ((policy - reference) ** 2 * selected).sum(-1) / k
+    squared = (policy - reference) ** 2
+    if weights is not None:
+        selected = selected | (weights != 1)
+        squared = squared * weights
+    return (squared * selected).sum(-1) / k
 
 
 def fpo(chosen: TokenStats, rejected: TokenStats, *, features: Pair | None = None,
         ref_features: Pair | None = None, beta: float = 0.1, alpha: float = 0.5, k: int = 50,
-        topk: str = "policy", ref_mean_logps: Pair | None = None) -> LossOutput:
+        topk: str = "policy", stop_chosen: bool = True, feature_weights: Tensor | None = None,
+        ref_mean_logps: Pair | None = None) -> LossOutput:
     """FPO (Yin et al. 2024, arXiv 2411.07618v4, Eq. 8-11; official ``feature_alignment/model/fpo.py``).
 
     Inputs: logps, mask (and ref_logps, or ``ref_mean_logps`` = offline mean_t log π_ref per side [B]) [B, T];
@@ -387,6 +393,9 @@ def fpo(chosen: TokenStats, rejected: TokenStats, *, features: Pair | None = Non
     D(y) = (1/k)·Σ_{i∈I_k} (c̄_θ,i − c̄_ref,i)²; I_k = top-k of c̄_θ (code, ``topk="policy"``) or top-k(c̄_θ) ∪
     top-k(c̄_ref) (paper, ``topk="union"``; still divided by k)                                 [B]
     L = −log σ(β·[(m(y_w) − m(y_l)) − α·(D(y_l) − sg(D(y_w)))])                                [B]; rewards = β·m(y).
+    Options for the paper's ablations: ``stop_chosen=False`` drops the stop-gradient on D(y_w) (Table 3);
+    ``feature_weights`` [F] weights each feature's squared difference (the per-feature β of Table 4; features with
+    a weight ≠ 1 are always in I).
     """
     check_positive(beta=beta)
     check_nonnegative(alpha=alpha)
@@ -400,6 +409,11 @@ def fpo(chosen: TokenStats, rejected: TokenStats, *, features: Pair | None = Non
         raise ValueError(f"features {tuple(f_w.shape)} and ref_features {tuple(g_w.shape)} differ in shape")
     if not isinstance(k, int) or not 1 <= k <= f_w.shape[1]:
         raise ValueError(f"k must be an integer in [1, F={f_w.shape[1]}], got {k!r}")
+    if feature_weights is not None:
+        feature_weights = torch.as_tensor(feature_weights, dtype=f_w.dtype, device=f_w.device)
+        if feature_weights.shape != (f_w.shape[1],) or not (torch.isfinite(feature_weights).all()
+                                                             and (feature_weights >= 0).all()):
+            raise ValueError(f"feature_weights must be [F={f_w.shape[1]}] finite values >= 0")
     if ref_mean_logps is None:
         ref_w, ref_l = _masked_mean(chosen.ref_logps, chosen.mask), _masked_mean(rejected.ref_logps, rejected.mask)
     else:
@@ -408,8 +422,8 @@ def fpo(chosen: TokenStats, rejected: TokenStats, *, features: Pair | None = Non
         ref_w, ref_l = (r.detach() for r in ref_mean_logps)
     m_w = _masked_mean(chosen.logps, chosen.mask) - ref_w
     m_l = _masked_mean(rejected.logps, rejected.mask) - ref_l
-    d_w, d_l = _feature_mse(f_w, g_w, k, topk), _feature_mse(f_l, g_l, k, topk)
-    losses = -F.logsigmoid(beta * ((m_w - m_l) - alpha * (d_l - d_w.detach())))
+    d_w, d_l = _feature_mse(f_w, g_w, k, topk, feature_weights), _feature_mse(f_l, g_l, k, topk, feature_weights)
+    losses = -F.logsigmoid(beta * ((m_w - m_l) - alpha * (d_l - (d_w.detach() if stop_chosen else d_w))))
     metrics = base_metrics(losses, beta * m_w, beta * m_l, chosen, rejected)
     metrics["features/mse_chosen"], metrics["features/mse_rejected"] = d_w.detach().mean(), d_l.detach().mean()
     return LossOutput(losses, metrics)
