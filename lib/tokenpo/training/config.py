@@ -90,8 +90,11 @@ GROUPS = ("objective", "optimizer", "statistics", "model", "run", "logging", "ha
 class TrainConfig:
     """Everything a preference-training run depends on (saved as ``config.json`` in the run folder).
 
-    Fields by group — ``help(TrainConfig)`` or ``TrainConfig.describe()`` prints each with its help; ``hparams``,
-    ``method``, ``learning_rate``, ``batch_size``, ``out_dir`` … as in TRL's ``DPOConfig`` (see ``TRL_NAMES``).
+    Every field is typed and has its help next to its value (``field(metadata={"help": ..., "group": ...})``, as
+    TRL's configs); ``help(TrainConfig)`` lists them by group (``TrainConfig.describe()``). TRL's argument names are
+    answered with ours (``TRL_NAMES``): ``beta`` -> ``hparams={"beta": ...}``, ``loss_type`` -> ``method``,
+    ``per_device_train_batch_size`` -> ``batch_size``, ``num_train_epochs`` -> ``epochs``, ``output_dir`` ->
+    ``out_dir``, …
     """
 
     # ---------------------------------------------------------------------------------------- what to optimise
@@ -245,6 +248,8 @@ class TrainConfig:
 _METHOD_HELP = ("Objective name from tokenpo.objectives.OBJECTIVES (\"dpo\", \"sparsepo\", \"sepo\", ...); TRL's "
                 "loss_type.")
 TrainConfig.__dataclass_fields__["method"].metadata = MappingProxyType({"help": _METHOD_HELP, "group": "objective"})
+TrainConfig.__doc__ = f"{TrainConfig.__doc__}\n    Fields:\n\n" + "\n".join(
+    "    " + line for line in TrainConfig.describe().splitlines())
 
 
 def _check_number(name: str, value: Any) -> None:
