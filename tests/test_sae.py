@@ -1,5 +1,7 @@
 """Tests of tokenpo.providers.sae (sparse autoencoder, activations) and tokenpo.providers.fpo (pooled features, the
 offline reference cache)."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -262,3 +264,35 @@ def test_fpo_cache_build_from_reference(tmp_path, gpt2):
         FPOReferenceCache.build(gpt2, sae, [batches[0], bad], k=4, layer=1, path=tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists() or list((tmp_path / "bad").iterdir()) == []
     assert len(cache) == 6
+
+
+def test_prepare_fpo_in_one_call_trains_with_the_offline_cache(tmp_path, gpt2):
+    """Activations -> SAE -> report -> offline cache -> FPOFeatures -> a training step with no reference model."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _train_script as helper
+    from tokenpo.providers.fpo import prepare_fpo
+    from tokenpo.providers.sae import spliced
+    from tokenpo.tokens import next_token_loss
+    from tokenpo.training import TrainConfig, train
+
+    reference = helper.tiny_model(0).eval()
+    pairs = helper.make_pairs(16)
+    prep = prepare_fpo(reference, pairs, helper.collate, layer=0, width=48, sae_steps=30, sae_batch=64, cache_k=16,
+                       batch_size=4, progress=False)
+    assert {"l0", "l0_share", "explained_variance", "dead_share"} <= set(prep.report)
+    assert 0 < prep.report["l0"] <= 48 and len(prep.cache) == 16 and prep.cache.meta["sae"] == prep.sae.fingerprint()
+    batch = helper.collate(pairs[:4])
+    ids, attn = batch["chosen_input_ids"], batch["chosen_attention_mask"]
+    with torch.no_grad():
+        plain = next_token_loss(reference, ids, attn)[0]
+        with spliced(reference, prep.sae, layer=0):
+            with_sae = next_token_loss(reference, ids, attn)[0]
+        again = next_token_loss(reference, ids, attn)[0]
+    assert with_sae != plain and again == plain                  # the splice acts, and is removed afterwards
+    config = TrainConfig(method="fpo", hparams={"k": 8}, providers=[prep.provider()], max_steps=2, batch_size=4,
+                         learning_rate=1e-3, cpu=True, progress=False, save_final=False, out_dir=str(tmp_path / "run"))
+    rows = train(helper.tiny_model(0), None, pairs, config, collator=helper.collate).history
+    assert all(math.isfinite(r["loss"]) for r in rows) and "features/mse_rejected" in rows[-1]

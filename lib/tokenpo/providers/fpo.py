@@ -21,6 +21,7 @@ exact on the stored indices and 0 elsewhere):
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -35,13 +36,13 @@ from tokenpo.utils import unwrap_model
 
 from .activations import capture_sites
 from .base import Needs, Provider, StepContext, split_pairs
-from .sae import SparseAutoencoder
+from .sae import SparseAutoencoder, collect_activations, sae_report, train_sae
 
 SIDES = ("chosen", "rejected")
 FILE_NAME = "fpo_reference.safetensors"
 POOLINGS = ("official", "paper")
 
-__all__ = ["FPOFeatures", "FPOReferenceCache", "pooled_features"]
+__all__ = ["FPOFeatures", "FPOReferenceCache", "FPOPreparation", "pooled_features", "prepare_fpo"]
 
 
 def pooled_features(sae: SparseAutoencoder, hidden: torch.Tensor, mask: torch.Tensor,
@@ -259,3 +260,48 @@ class FPOFeatures(Provider):
     def settings(self) -> dict[str, Any]:
         return {"layer": self.layer, "site": self.site, "pooling": self.pooling, "sae": self.sae.fingerprint(),
                 "cache": None if self.cache is None else len(self.cache)}
+
+
+# --------------------------------------------------------------------------------------------------- one call
+@dataclass
+class FPOPreparation:
+    """What FPO training needs, from `prepare_fpo`: the trained SAE (frozen), its report on held-out tokens, and the
+    offline reference cache (or None); `provider()` gives the `FPOFeatures` to pass in `TrainConfig(providers=...)`."""
+
+    sae: SparseAutoencoder
+    cache: FPOReferenceCache | None
+    report: dict
+    layer: int
+    site: str
+    pooling: str
+
+    def provider(self) -> "FPOFeatures":
+        return FPOFeatures(self.sae, self.layer, self.site, self.pooling, self.cache)
+
+
+def prepare_fpo(reference, pairs, collator, *, layer: int = -1, site: str = "block_out", width: int | None = None,
+                l0_target: float | None = None, sae_steps: int = 2000, sae_batch: int = 1024, sae_lr: float = 1e-3,
+                num_threads: int | None = 1, cache_k: int | None = 128, pooling: str = "paper", batch_size: int = 32,
+                heldout_share: float = 0.1, seed: int = 0, progress: bool = True) -> FPOPreparation:
+    """FPO's preparation in one call: the reference's residual stream at (layer, site) on the completion tokens of
+    `pairs` → a JumpReLU SAE (width 4·d by default, L0 steered to `l0_target`; trained with `num_threads` torch threads
+    — 1 is much faster than 2 on a shared CPU for these sizes) → its report on the held-out share of the tokens →
+    the offline reference cache (`cache_k` top pooled features per side; None = no cache: the reference runs online).
+
+    `pooling="paper"` (mean over completion tokens) is the default here because cached features must not depend on
+    how the training batches are padded; `"official"` (÷ T) only matches a cache built with the training's batching.
+    Save the SAE with `prep.sae.save_pretrained(folder)` and the cache with `prep.cache.save(folder)`."""
+    batches = [collator([pairs[j] for j in range(i, min(i + batch_size, len(pairs)))])
+               for i in range(0, len(pairs), batch_size)]
+    acts = collect_activations(reference, batches, layer, site=site, completion_only=True, progress=progress)
+    order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(seed))
+    n_held = int(heldout_share * len(acts))
+    held, train = acts[order[:n_held]], acts[order[n_held:]]
+    sae = train_sae(train, width or 4 * acts.shape[1], l0_target=l0_target, steps=sae_steps, batch_size=sae_batch,
+                    lr=sae_lr, seed=seed, progress=progress, num_threads=num_threads, layer=layer, site=site)
+    sae.requires_grad_(False)
+    report = sae_report(sae, held) if n_held else {}
+    cache = None if cache_k is None else FPOReferenceCache.build(
+        reference, sae, batches, k=min(cache_k, sae.config.width), layer=layer, site=site, pooling=pooling,
+        progress=progress)
+    return FPOPreparation(sae, cache, report, layer, site, pooling)

@@ -327,4 +327,44 @@ def train_sae(activations: torch.Tensor, width: int, kind: str = "jumprelu", k: 
         return sae.eval()
 
 
-__all__ = ["SAEConfig", "SparseAutoencoder", "SAETrainCurve", "train_sae", "collect_activations", "residual_stream"]
+# ------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def sae_report(sae: SparseAutoencoder, activations: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """How an SAE does on activations [N, d] it was not trained on: mean active features per token (L0) and its share
+    of the width, fraction of variance explained (1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²), and the share of dead features (never
+    active on these tokens)."""
+    sae = sae.eval()
+    l0, squared, ever = 0.0, 0.0, torch.zeros(sae.config.width, dtype=torch.bool)
+    for start in range(0, len(activations), batch_size):
+        x = activations[start:start + batch_size].to(sae.W_enc.device)
+        recon, feats = sae(x)
+        active = feats > 0
+        l0 += float(active.sum())
+        squared += float((recon - x).square().sum())
+        ever |= active.any(0).cpu()
+    total = float((activations - activations.mean(0)).square().sum())
+    n = len(activations)
+    return {"l0": l0 / n, "l0_share": l0 / n / sae.config.width, "explained_variance": 1 - squared / max(total, 1e-12),
+            "dead_share": float((~ever).float().mean()), "tokens": n, "width": sae.config.width}
+
+
+@contextmanager
+def spliced(model: nn.Module, sae: SparseAutoencoder, layer: int = -1, site: str = "block_out"):
+    """Inside the block, the residual stream at (layer, site) is replaced by the SAE's reconstruction in every
+    forward of `model` (to measure what the SAE loses for the language model)."""
+    from .activations import _first, _site_module
+
+    def replace(module, args, output):
+        hidden = _first(output)
+        recon = sae(hidden.to(sae.W_enc.dtype))[0].to(hidden.dtype)
+        return (recon,) + tuple(output[1:]) if isinstance(output, tuple) else recon
+
+    handle = _site_module(unwrap_model(model), layer, site).register_forward_hook(replace)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+__all__ = ["SAEConfig", "SparseAutoencoder", "SAETrainCurve", "train_sae", "collect_activations", "residual_stream",
+           "sae_report", "spliced"]
