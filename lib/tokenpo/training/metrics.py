@@ -44,6 +44,9 @@ class LogitMetrics:
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         self._captured = hidden.detach()
 
+    def discard(self) -> None:
+        self._captured = None
+
     def close(self) -> None:
         self._handle.remove()
         self._captured = None

@@ -200,7 +200,8 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
     Raises:
         NonFiniteLossError: a NaN/inf loss or gradient norm (names the step and the dataset rows).
         OSError: the disk of the run folder is full (ENOSPC, naming the folder).
-    A run that fails before its first checkpoint removes what it wrote (the run folder, if it made it).
+    A run that fails (or is interrupted) before its first checkpoint removes what it wrote (the run folder, if it
+    made it).
     """
     from accelerate import Accelerator, PartialState
 
@@ -241,7 +242,7 @@ def train(policy: nn.Module, reference: nn.Module | None, train_dataset, config:
         return _train(policy, reference, train_dataset, config, tokenizer, collator, callbacks, eval_dataset,
                       objective, hparams, accelerator, out_dir, resume_from, change, record, trackers,
                       checkpoints_made)
-    except Exception as error:
+    except (Exception, KeyboardInterrupt) as error:
         if trackers:
             accelerator.end_training()
         if fresh and not checkpoints_made and main:
@@ -536,7 +537,7 @@ def _evaluate(plan: StepPlan, module, reference, loader, accelerator, autocast, 
             for batch in loader:
                 out = compute_batch(plan, module, reference, batch, autocast=autocast)
                 if hook is not None:
-                    hook.sums(batch)  # drop what the hook kept of this forward
+                    hook.discard()  # what it kept of this forward is not a training step's
                 n = out.losses.shape[0]
                 pairs += n
                 for name, value in out.metrics.items():
