@@ -84,22 +84,33 @@ def token_masks(states: ReferenceStates, kind: str, masks: SparsePOMasks | None 
 
 
 @torch.no_grad()
-def policy_logratios(states: ReferenceStates, policy) -> dict[str, list[np.ndarray]]:
-    """|log π_θ(y_t) − log π_ref(y_t)| per completion token: where the policy itself moved (the masks' ceiling)."""
+def policy_statistics(states: ReferenceStates, policy) -> dict:
+    """What the policy does on the held-out pairs, from one forward per side: |log π_θ(y_t) − log π_ref(y_t)| per
+    completion token (where the policy itself moved: the masks' ceiling), the preference accuracy P(mean log π_θ of
+    the chosen completion > of the rejected one) and the mean entropy of π_θ over completion positions."""
     was_training = policy.training
     policy.eval()
-    out: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
+    device = next(policy.parameters()).device
+    logratios: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
+    mean_logps: dict[str, list[torch.Tensor]] = {side: [] for side in SIDES}
+    entropy, positions = 0.0, 0
     try:
         for entry in states.batches:
             for side in SIDES:
                 ids, attn, labels_mask, _, labels, ref_logps = entry[side]
-                device = next(policy.parameters()).device
-                logits = policy(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-                logps = token_stats(align_to_labels(logits), labels.to(device), with_kl=False).logps.cpu()
-                out[side] += _completion_values((logps - ref_logps).abs(), labels_mask)
+                logits = align_to_labels(policy(input_ids=ids.to(device), attention_mask=attn.to(device)).logits)
+                stats = token_stats(logits, labels.to(device), with_kl=False)
+                logps, mask = stats.logps.cpu(), stats.mask.cpu()
+                logratios[side] += _completion_values((logps - ref_logps).abs(), labels_mask)
+                mean_logps[side].append((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1))
+                log_p = logits[mask.bool().to(device)].float().log_softmax(-1)
+                entropy += float(-(log_p.exp() * log_p).sum())
+                positions += int(mask.sum())
     finally:
         policy.train(was_training)
-    return out
+    chosen, rejected = torch.cat(mean_logps["chosen"]), torch.cat(mean_logps["rejected"])
+    return {"logratios": logratios, "accuracy": float((chosen > rejected).float().mean()),
+            "entropy": entropy / max(positions, 1)}
 
 
 def key_token_labels(tokenized, tokenizer, reward) -> dict[str, list[np.ndarray]]:
@@ -181,26 +192,30 @@ def alignment_stats(weights: dict[str, list[np.ndarray]], labels: dict[str, list
 
 
 def run_analysis(sets: dict[str, tuple[ReferenceStates, dict[str, list[np.ndarray]]]], model_config, mask_kwargs):
-    """The per-run analysis of the experiment's runs: for every labelled set (name -> (states, labels)), the
-    alignment stats of the policy's |log-ratio| and, for SparsePO runs, of each mask network trained and untrained
-    (its step-0 state). Returns `analyse(policy, masks, initial_masks) -> {set: {weighting: stats}}`."""
+    """The per-run analysis of the sentiment runs. Returns `analyse(policy, masks, initial_masks)` giving
+    {"heldout": preference accuracy and entropy of the policy on the first set's pairs,
+     "alignment": {set: {weighting: alignment stats}}} with the policy's |log-ratio| and, for SparsePO runs, each mask
+    network trained and untrained (its step-0 state), on every labelled set (name -> (states, labels))."""
 
     def analyse(policy, masks: SparsePOMasks | None, initial: dict | None) -> dict:
-        out = {}
         untrained = None
         if masks is not None:
             untrained = SparsePOMasks.from_model_config(model_config, mode=masks.mode, **mask_kwargs)
             untrained.load_state_dict(initial)
             untrained.eval()
+        alignment, heldout = {}, {}
         for name, (states, labels) in sets.items():
-            row = {"policy |log-ratio|": alignment_stats(policy_logratios(states, policy), labels)}
+            policy_stats = policy_statistics(states, policy)
+            if not heldout:
+                heldout = {"accuracy": policy_stats["accuracy"], "entropy": policy_stats["entropy"]}
+            row = {"policy |log-ratio|": alignment_stats(policy_stats["logratios"], labels)}
             for state, net in (("trained", masks), ("untrained", untrained)):
                 if net is None:
                     continue
                 for kind in (("reward",) if net.mode == "common" else ("reward", "kl")):
                     row[f"{kind} mask {state}"] = alignment_stats(token_masks(states, kind, masks=net.eval()), labels)
-            out[name] = row
-        return out
+            alignment[name] = row
+        return {"heldout": heldout, "alignment": alignment}
 
     return analyse
 

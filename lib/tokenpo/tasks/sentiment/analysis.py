@@ -52,14 +52,17 @@ def mask_sparsity(result: RunResult, kind: str) -> float:
 
 
 def runs_table(results: Sequence[RunResult]) -> pd.DataFrame:
-    """Per run: the last checkpoint's evaluation, the training accuracy and sequence KL on the training pairs and the
-    mask sparsities (last 20 % of the steps), seconds per step."""
+    """Per run: the last checkpoint's evaluation, the training accuracy (last 20 % of the steps), the held-out
+    preference accuracy and entropy (when the run was analysed), the mask sparsities (last 20 % of the steps), seconds
+    per step."""
     rows = []
     for r in results:
         row = {"label": label(r), "method": r.spec.method, "beta": r.spec.beta, "gamma": r.spec.gamma,
                "seed": r.spec.seed, "group": r.spec.group,
                **{k: r.final.get(k, np.nan) for k in EVAL_COLUMNS},
                "train accuracy": r.late_mean("rewards/accuracies"),
+               "held-out accuracy": r.analysis.get("heldout", {}).get("accuracy", np.nan),
+               "entropy": r.analysis.get("heldout", {}).get("entropy", np.nan),
                "s/step": r.timing.get("train_seconds_per_step", np.nan)}
         for kind in ("reward", "kl"):
             row[f"sparsity {kind} mask"] = mask_sparsity(r, kind)
@@ -74,7 +77,7 @@ def alignment_table(results: Sequence[RunResult]) -> pd.DataFrame:
     mean_weight, sparsity."""
     rows = []
     for r in results:
-        for dataset, weightings in r.analysis.items():
+        for dataset, weightings in r.analysis.get("alignment", {}).items():
             for weighting, stats in weightings.items():
                 rows.append({"label": label(r), "method": r.spec.method, "beta": r.spec.beta, "seed": r.spec.seed,
                              "set": dataset, "weighting": weighting, **stats})

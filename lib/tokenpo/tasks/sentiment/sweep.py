@@ -240,7 +240,8 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
     settings = {k: getattr(probe, k) for k in probe.__dataclass_fields__ if k not in ("out_dir", "progress", "providers")}
     settings["providers"] = [p.settings() for p in probe.providers or []]
     inputs = {"kind": "sentiment-run", "version": SWEEP_VERSION, "spec": asdict(spec), "train": settings,
-              "eval_steps": sorted(eval_steps), "judge": judge, **identity, "pairs": pairs_fingerprint(pairs),
+              "eval_steps": sorted(eval_steps), "judge": judge, "analysed": analyse is not None, **identity,
+              "pairs": pairs_fingerprint(pairs),
               "code": code_fingerprint(*TRAINING_CODE)}
 
     def build(folder: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import datasets
 import numpy as np
 
-from tokenpo.cache import content_hash
+from tokenpo.cache import code_fingerprint, content_hash
 from tokenpo.data import load_sentiment_rows
 from tokenpo.data.collator import PreferenceCollator
 from tokenpo.data.preference import tokenize_pairs
@@ -50,7 +50,7 @@ class SentimentWorld:
     heldout_set: datasets.Dataset
     planted_set: datasets.Dataset
     collator: PreferenceCollator
-    stage_seconds: dict = field(default_factory=dict)
+    _analysis: tuple | None = field(default=None, repr=False)
 
     def evaluator(self, reference=None, tokenizer=None) -> CheckpointEvaluator:
         """Fresh fixed-length samples on the evaluation prompts, scored by the reward and the judges; KL to
@@ -67,10 +67,26 @@ class SentimentWorld:
         return self.evaluator(model, tokenizer)(model or self.reference, with_judge=True,
                                                 prompts=self.eval_prompts * repeats, seed=self.seed + 7)
 
+    def analysis(self):
+        """(labelled held-out sets, the per-run `analyse` function) — the same for every notebook, so that runs shared
+        between notebooks are one cached run: "sampled" = the held-out pairs with the reward's key tokens, "planted" =
+        the planted pairs with their swapped tokens (`tokenpo.tasks.sentiment.alignment`)."""
+        if self._analysis is None:
+            from . import alignment
+
+            labelled = {"sampled": (alignment.ReferenceStates(self.reference, self.heldout_set, self.collator),
+                                    alignment.key_token_labels(self.heldout_set, self.tokenizer, self.reward)),
+                        "planted": (alignment.ReferenceStates(self.reference, self.planted_set, self.collator),
+                                    alignment.planted_labels(self.planted_set))}
+            s = self.profile.sentiment
+            mask_kwargs = {} if s.mixer_init is None else {"mixer_init": s.mixer_init}
+            self._analysis = labelled, alignment.run_analysis(labelled, self.reference.config, mask_kwargs)
+        return self._analysis
+
     def identity(self, evaluator: CheckpointEvaluator) -> dict:
         """What a run of this world depends on beyond its own settings (the run cache's key)."""
         return {"reference": self.reference_id, "reward": self.reward.identity, "judge": self.judge_id,
-                "evaluator": evaluator.identity,
+                "evaluator": evaluator.identity, "task_code": code_fingerprint("tasks/sentiment"),
                 "analysis": content_hash([list(self.heldout_set["chosen_ids"]), list(self.planted_set["chosen_ids"])])}
 
 
