@@ -124,7 +124,7 @@ def worker(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             config = TrainConfig(method=args.method, max_steps=args.warmup + args.steps, batch_size=args.pairs,
                                  learning_rate=1e-6, schedule="constant", cpu=True, progress=False,
-                                 save_final=False, out_dir=tmp, providers=providers, shuffle=False,
+                                 save_final=False, save_every=None, out_dir=tmp, providers=providers, shuffle=False,
                                  chunk_size=args.chunk_size)
             base = _rss_mb()
             train(policy, reference, pairs, config, tokenizer=tokenizer, callbacks=[Stamp()])
@@ -159,7 +159,7 @@ def profile_step(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train(policy, reference, pairs, TrainConfig(method=args.method if args.method != "trl-dpo" else "dpo",
                                                     max_steps=3, batch_size=args.pairs, learning_rate=1e-6,
-                                                    cpu=True, progress=False, save_final=False, out_dir=tmp),
+                                                    cpu=True, progress=False, save_final=False, save_every=None, out_dir=tmp),
               tokenizer=tokenizer, callbacks=[Profile()])
     print(holder["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 

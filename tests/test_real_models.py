@@ -62,7 +62,7 @@ def one_step(tmp_path, tokenizer, pairs, method, **config):
     policy = load_model(NAME)
     probe = policy.model.layers[0].mlp.down_proj.weight[:8, :8].detach().clone()
     settings = dict(method=method, learning_rate=1e-5, batch_size=2, max_steps=1, cpu=True, progress=False,
-                    save_final=False, out_dir=str(tmp_path), seed=0, schedule="constant")
+                    save_final=False, save_every=None, out_dir=str(tmp_path), seed=0, schedule="constant")
     settings.update(config)
     result = train(policy, None, pairs, TrainConfig(**settings), collator=PreferenceCollator(tokenizer.pad_token_id))
     assert result.steps == 1 and len(result.history) == 1

@@ -15,7 +15,7 @@ from tokenpo.tasks.sentiment import alignment, analysis
 from tokenpo.tasks.sentiment.data import (build_pairs, lexicon_spans, make_prompts, planted_pairs, split_rows,
                                           token_lexicon_labels)
 from tokenpo.tasks.sentiment.reward import SentimentClassifier, train_classifier
-from tokenpo.tasks.sentiment.sweep import RunSpec, sweep_specs, train_config
+from tokenpo.tasks.sentiment.sweep import RunResult, RunSpec, main_specs, simpo_grid_specs, train_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -134,7 +134,8 @@ def test_alignment_auroc_one_for_the_indicator_and_half_for_random():
     uniform = alignment.mass_share(_weights_like(labels, lambda y: np.ones(len(y))), labels)
     assert uniform["mass_on_labelled"] == pytest.approx(uniform["uniform_share"])
     labelled_share = np.concatenate(labels["chosen"] + labels["rejected"]).mean()
-    assert alignment.sparsity(indicator) == pytest.approx(1 - labelled_share)
+    stats = alignment.alignment_stats(indicator, labels)
+    assert stats["auroc"] == pytest.approx(1.0) and stats["sparsity"] == pytest.approx(1 - labelled_share)
     with pytest.raises(ValueError, match="row 0"):
         alignment.alignment_auroc({"chosen": [np.ones(3)], "rejected": []}, {"chosen": [np.ones(4)], "rejected": []})
 
@@ -188,59 +189,47 @@ def test_the_mask_analysis_reproduces_the_trainers_logged_mask_means(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------------ sweep
-def test_sweep_specs_and_mask_settings():
+def test_main_specs_simpo_grid_and_train_configs():
     cfg = get_profile("cpu").sentiment
-    specs = sweep_specs(cfg)
+    specs = main_specs(cfg, simpo=(1.0, 0.5))
     names = [s.name for s in specs]
     assert len(names) == len(set(names))
-    for method, betas in cfg.betas:
-        assert len(betas) >= 3 and {s.beta for s in specs if s.method == method and s.data == "sampled"} >= set(betas)
-    seeded = [s for s in specs if s.method == "sparsepo_common" and s.beta == cfg.mask_seed_beta
-              and s.mask_settings == "ours" and s.data == "sampled"]
-    assert sorted(s.seed for s in seeded) == list(range(cfg.mask_seeds))
-    ours = train_config(RunSpec("sparsepo_independent", 0.8), cfg, "", 10)
-    official = train_config(RunSpec("sparsepo_independent", 0.8, mask_settings="official"), cfg, "", 10)
-    assert ours.provider_learning_rate == cfg.mask_lr and ours.providers[0].mask_kwargs == {"mixer_init": cfg.mixer_init}
-    assert official.provider_learning_rate is None and official.providers is None
-    assert ours.hparams == {"beta": 0.8, "common": False, "l1_reward": cfg.l1, "l1_kl": cfg.l1}
-    assert train_config(RunSpec("simpo", 2.0), cfg, "", 10).hparams == {"beta": 2.0, "gamma": cfg.simpo_gamma}
+    for method, betas in cfg.runs:
+        for beta in betas:
+            assert sorted(s.seed for s in specs if s.method == method and s.beta == beta) == \
+                list(range(1, cfg.seeds + 1))
+    assert {(s.beta, s.gamma) for s in specs if s.method == "simpo"} == {(1.0, 0.5)}
+    grid = simpo_grid_specs(cfg)
+    assert {s.seed for s in grid} == {0} and not set(s.name for s in grid) & set(names)  # the grid is kept apart
+    sparse = train_config(RunSpec("sparsepo_independent", 0.8), cfg, "", 10)
+    assert sparse.provider_learning_rate == cfg.mask_lr and sparse.save_every is None
+    assert sparse.hparams == {"beta": 0.8, "common": False, "l1_reward": cfg.l1, "l1_kl": cfg.l1}
+    assert train_config(RunSpec("simpo", 2.0, gamma=0.5), cfg, "", 10).hparams == {"beta": 2.0, "gamma": 0.5}
+    sepo = train_config(RunSpec("sepo", 1.0, k=(0.1, 0.3)), cfg, "", 10)
+    assert sepo.hparams == {"gamma": 1.0} and sepo.providers[0].column == "token_scores"
+    assert train_config(RunSpec("sepo_rand", 1.0, k=(0.1, 0.3)), cfg, "", 10).providers[0].column is None
     with pytest.raises(ValueError, match="unknown method"):
         RunSpec("ppo", 0.1)
 
 
-# --------------------------------------------------------------------------------------------------- verdicts
-def test_sparsity_verdict_needs_a_rise_beyond_seed_noise():
-    assert analysis.sparsity_verdict({0.1: 0.1, 0.4: 0.2, 0.8: 0.4}, [0.38, 0.4, 0.42], "v").startswith("holds")
-    assert analysis.sparsity_verdict({0.1: 0.1, 0.4: 0.12, 0.8: 0.13}, [0.05, 0.13, 0.25], "v").startswith("does not")
-    assert analysis.sparsity_verdict({0.1: 0.4, 0.4: 0.2, 0.8: 0.1}, [0.1, 0.1], "v").startswith("does not")
+# --------------------------------------------------------------------------------------------------- analysis
+def _result(method, seed, kls, rewards):
+    evals = [{"step": 10 * (i + 1), "kl": kl, "reward": r, "vader": r, "judge": r}
+             for i, (kl, r) in enumerate(zip(kls, rewards))]
+    history = [{"step": i, "rewards/accuracies": 0.5 + 0.01 * i} for i in range(1, 11)]
+    return RunResult(RunSpec(method, 0.1, seed=seed), history, evals,
+                     analysis={"heldout": {"accuracy": 0.6 + seed / 100, "entropy": 3.0}})
 
 
-def test_alignment_verdict_compares_with_untrained_and_random():
-    assert analysis.alignment_verdict([0.7, 0.72, 0.71], [0.5, 0.52, 0.49], 0.5, "x").startswith("holds")
-    assert analysis.alignment_verdict([0.6, 0.62, 0.61], [0.6, 0.61, 0.6], 0.5, "x").startswith("does not")
-    assert analysis.alignment_verdict([0.45, 0.46, 0.44], [0.3, 0.3, 0.3], 0.5, "x").startswith("does not")
-
-
-def test_frontier_table_and_verdicts():
-    rows = []
-    for method, rewards in (("dpo", [0.3, 0.35, 0.5]), ("tdpo1", [0.05, 0.2, 0.6]),
-                            ("sparsepo_common", [0.1, 0.25, 0.7])):
-        for kl, reward in zip((1.0, 4.0, 9.0), rewards):
-            rows.append({"method": method, "kl": kl, "reward": reward, "reward_lo": reward - 0.02,
-                         "reward_hi": reward + 0.02, "step": 1})
-    table = analysis.frontier_table(pd.DataFrame(rows), (2.0, 5.0, 10.0))
-    assert table.loc["dpo", "reward@KL<=5"] == pytest.approx(0.35)
-    assert table.loc["tdpo1", "reward@KL<=10"] == pytest.approx(0.6)
-    assert table.loc["dpo", "ci@KL<=2"] == pytest.approx(0.02)
-    verdicts = analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))
-    assert verdicts["DPO has the best frontier at low KL"].startswith("holds")
-    assert verdicts["sparsepo_common frontier >= TDPO-1"].startswith("holds")
-    table.loc["sparsepo_common", "reward@KL<=10"] = 0.3
-    assert analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))["sparsepo_common frontier >= TDPO-1"].startswith(
-        "does not")
-    table.loc["sparsepo_common", ["reward@KL<=2", "reward@KL<=5", "reward@KL<=10"]] = [0.06, 0.21, 0.59]
-    assert analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))["sparsepo_common frontier >= TDPO-1"].startswith(
-        "inconclusive")
-    table.loc["tdpo1", "reward@KL<=2"] = 0.29
-    assert analysis.frontier_verdicts(table, (2.0, 5.0, 10.0))["DPO has the best frontier at low KL"].startswith(
-        "inconclusive")
+def test_frontier_per_run_interpolates_and_never_extrapolates():
+    results = [_result("dpo", 1, (0.5, 1.5, 3.0), (0.1, 0.3, 0.45)), _result("dpo", 2, (0.2, 0.8), (0.05, 0.2))]
+    points = analysis.checkpoint_table(results, {"reward": 0.0, "vader": 0.0, "judge": 0.0})
+    front = analysis.frontier_per_run(points, (1.0, 2.0), r_ref=0.0)
+    assert front.loc[("dpo β=0.1", 1), "reward_at_kl_1"] == pytest.approx(0.1 + 0.2 * 0.5)
+    assert np.isnan(front.loc[("dpo β=0.1", 2), "reward_at_kl_1"])          # seed 2 never reached KL 1
+    claim = analysis.claim_data(analysis.per_seed(front.reset_index(), "reward_at_kl_1", label="dpo β=0.1"),
+                                what="reward at KL 1")
+    assert "seeds [2]" in claim.reason
+    table = analysis.runs_table(results)
+    assert table["held-out accuracy"].tolist() == pytest.approx([0.61, 0.62])
+    assert table["train accuracy"].tolist() == pytest.approx([0.595, 0.595])  # mean of the last 20 % of the steps

@@ -40,7 +40,7 @@ def train_oracle(reference: nn.Module, pairs, tokenizer=None, *, fraction: float
     a moderate random subset is enough, Theorem 2). `config` sets the DPO run (default: 1 epoch, β 0.1, lr 1e-4);
     its method must be "dpo". Returns (oracle in eval mode, TrainResult)."""
     config = config or TrainConfig(method="dpo", learning_rate=1e-4, schedule="constant", progress=False,
-                                   save_final=False)
+                                   save_final=False, save_every=None)
     if config.method != "dpo":
         raise ValueError(f"the SePO oracle is DPO-trained; got TrainConfig(method={config.method!r})")
     subset = pairs.select(oracle_subset(len(pairs), fraction, seed)) if hasattr(pairs, "select") else \

@@ -45,10 +45,17 @@ def frontier_per_run(points: pd.DataFrame, levels: Sequence[float], r_ref: float
     return frontier_summary(trained, levels, by=("label", "seed"), r_ref=r_ref)
 
 
+def _late_mask_metric(result: RunResult, name: str) -> float:
+    """A logged mask metric (e.g. "sparsity_reward") late in training: the mean of its chosen and rejected values
+    over the last 20 % of the steps; NaN for a run without masks."""
+    values = [result.late_mean(f"mask/{name}_{side}") for side in ("chosen", "rejected")]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def mask_sparsity(result: RunResult, kind: str) -> float:
-    """Share of completion tokens whose `kind` ("reward" or "kl") mask weight is exactly 0, late in training
-    (mean of the logged chosen and rejected values over the last 20 % of the steps)."""
-    return float(np.nanmean([result.late_mean(f"mask/sparsity_{kind}_{side}") for side in ("chosen", "rejected")]))
+    """Share of completion tokens whose `kind` ("reward" or "kl") mask weight is exactly 0, late in training."""
+    return _late_mask_metric(result, f"sparsity_{kind}")
 
 
 def runs_table(results: Sequence[RunResult]) -> pd.DataFrame:
@@ -66,8 +73,7 @@ def runs_table(results: Sequence[RunResult]) -> pd.DataFrame:
                "s/step": r.timing.get("train_seconds_per_step", np.nan)}
         for kind in ("reward", "kl"):
             row[f"sparsity {kind} mask"] = mask_sparsity(r, kind)
-            row[f"mean {kind} mask"] = float(np.nanmean([r.late_mean(f"mask/mean_{kind}_{s}")
-                                                         for s in ("chosen", "rejected")]))
+            row[f"mean {kind} mask"] = _late_mask_metric(r, f"mean_{kind}")
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -96,7 +96,7 @@ def train_config(spec: RunSpec, cfg: SentimentConfig, out_dir: str | Path, steps
                       providers=[SparsePOMasks(**({} if cfg.mixer_init is None else {"mixer_init": cfg.mixer_init}))])
     return TrainConfig(method=objective, hparams=hparams, learning_rate=cfg.lr, schedule="constant",
                        warmup_steps=cfg.warmup_steps, max_steps=steps, batch_size=cfg.batch_size, seed=spec.seed,
-                       cpu=not torch.cuda.is_available(), progress=False, save_final=False, out_dir=out_dir,
+                       cpu=not torch.cuda.is_available(), progress=False, save_final=False, save_every=None, out_dir=out_dir,
                        chunk_size=cfg.chunk_size, **kwargs)
 
 

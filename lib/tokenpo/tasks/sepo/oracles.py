@@ -28,7 +28,7 @@ def cached_oracle(reference: nn.Module, reference_id: str, pairs, cfg: SePOConfi
     by the reference, the pairs, the settings and the training code."""
     config = TrainConfig(method="dpo", hparams={"beta": cfg.oracle_beta}, learning_rate=cfg.oracle_lr,
                          schedule="constant", warmup_steps=5, max_steps=cfg.oracle_steps, batch_size=cfg.oracle_batch,
-                         seed=seed, cpu=not torch.cuda.is_available(), progress=False, save_final=False)
+                         seed=seed, cpu=not torch.cuda.is_available(), progress=False, save_final=False, save_every=None)
     inputs = {"kind": "sepo-oracle", "reference": reference_id, "pairs": pairs_fingerprint(pairs),
               "fraction": fraction, "seed": seed, "beta": cfg.oracle_beta, "lr": cfg.oracle_lr,
               "steps": cfg.oracle_steps, "batch": cfg.oracle_batch, "code": code_fingerprint(*TRAINING_CODE)}
