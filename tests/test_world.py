@@ -159,6 +159,19 @@ def test_summary_validation_names_the_bad_key():
         validate_summary({**good, "headline": {"a": [1]}})
 
 
+def test_summary_tables_render_in_the_readme_block(tmp_path):
+    folder = tmp_path / "results" / "09_x"
+    folder.mkdir(parents=True)
+    summary = {"notebook": "09_x", "profile": "cpu", "seed": 0, "wall_seconds": 60.0, "versions": {"torch": "2"},
+               "headline": {"a": 1}, "figures": [], "created": "2026-01-01",
+               "tables": {"ablation": [{"setting": "α=0.1", "acc": 0.61234}, {"setting": "α=2", "acc": 0.5}]}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    text = results_markdown(load_summaries(tmp_path / "results"), root=tmp_path)
+    assert "ablation:\n\n| setting | acc |\n|---|---|\n| α=0.1 | 0.6123 |\n| α=2 | 0.5 |" in text
+    with pytest.raises(ValueError, match="'tables'"):
+        validate_summary({**summary, "tables": [1]})
+
+
 def _build_slowly(folder, marker):
     import time
 

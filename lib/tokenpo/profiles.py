@@ -112,6 +112,91 @@ class SePOConfig:
 
 
 @dataclass(frozen=True)
+class FPOConfig:
+    """FPO on the sentiment world (notebook 04): its SAEs, FPO's settings, the ablations, the memory measurement and
+    the targeted feature control. Policies train with the sentiment settings (steps, lr, batch)."""
+
+    sae_width: int                         # features (paper: 16k on a 2,304-wide residual stream)
+    sae_l0: float                          # L0 the JumpReLU penalty is steered to
+    sae_steps: int
+    sae_batch: int
+    cache_k: int                           # pooled reference features stored per side in the offline cache
+    k: int                                 # FPO's top-k features in the MSE
+    seeds: int                             # FPO and TDPO-2 here, DPO / TDPO-1 / SimPO from notebook 02's cache
+    ablation_layers: tuple[int, ...]       # SAE layers of the ablation, each at both sites (block_out, mlp_out)
+    alphas: tuple[float, ...]              # α grid of the ablation, with and without the chosen-side stop-gradient
+    ablation_seeds: int
+    control_weight: float                  # the targeted feature's weight in the feature MSE (others: 1)
+    control_seeds: int
+    memory_methods: tuple[str, ...]        # `tokenpo.tasks.fpo.memory.METHODS`
+    memory_repeats: int                    # interleaved rounds of the memory measurement
+    memory_shape: tuple[tuple[str, int], ...] = ()   # `tokenpo.tasks.fpo.memory.Shape` overrides (default: GPT-2-small head)
+    alpha: float = 0.5
+    beta: float = 0.1
+    layer: int = -1                        # the main SAE: the last block's residual output (paper: layer 25 of 26)
+    site: str = "block_out"
+
+
+@dataclass(frozen=True)
+class CodeConfig:
+    """Text-to-code (notebook 05, SparsePO's fourth experiment): the problems and the reference, pass-vs-fail pairs
+    executed in the sandbox, the pre-registered runs and pass@k on held-out problems (`tokenpo.tasks.code`).
+
+    `problems="templated"` (cpu, smoke): one-line Python functions (`tokenpo.tasks.code.problems.TEMPLATES`), two
+    constants of every template held out; the reference is a tiny GPT-2 with its own byte-level BPE trained here from
+    scratch on correct solutions mixed with plausible wrong ones (template i: `correct_shares[i mod len]` correct).
+    `problems="humaneval-mbpp"` (gpu): pairs from CodeGen-2B's samples of HumanEval (and its canonical solutions),
+    pass@k on MBPP; the reference is the offline model `reference`, prompted with its own chat template."""
+
+    problems: str
+    # templated problems, and the model trained on them
+    constants: tuple[int, ...] = tuple(range(2, 10))
+    heldout_per_template: int = 2
+    templates: int | None = None             # the first N templates (None: all)
+    correct_shares: tuple[float, ...] = (0.05, 0.15, 0.3, 0.6)
+    sft_texts_per_problem: int = 10
+    vocab_size: int = 512
+    n_layer: int = 3
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 64
+    sft_steps: int = 600
+    sft_batch_size: int = 32
+    sft_lr: float = 2e-3
+    # the gpu profile's reference: an offline model (tokenpo.models.OFFLINE_MODELS), used as it is
+    reference: str | None = None
+    max_length: int = 64                     # tokens of prompt + completion in the pairs
+    # pairs: `pair_samples` samples of the reference per training problem (templated), executed; up to
+    # `pairs_per_problem` (passing, failing) pairs of distinct programs per problem
+    pair_samples: int = 8
+    pairs_per_problem: int = 2
+    # pass@k: `eval_samples` samples per held-out problem (`eval_problems`: the first N, None = all)
+    eval_samples: int = 20
+    ks: tuple[int, ...] = (1, 5, 10)
+    eval_problems: int | None = None
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    # the pre-registered runs: method -> betas, each with `seeds` seeds; SimPO at (β, γ) = `simpo`
+    runs: tuple[tuple[str, tuple[float, ...]], ...] = (
+        ("dpo", (0.1,)), ("tdpo1", (0.1,)), ("mapo", (0.1,)), ("sparsepo_common", (0.1,)),
+        ("sparsepo_independent", (0.1,)))
+    simpo: tuple[float, float] = (2.0, 0.5)
+    seeds: int = 5
+    steps: int = 40
+    batch_size: int = 16
+    lr: float = 3e-4
+    warmup_steps: int = 4
+    mask_lr: float | None = 3e-3
+    mixer_init: float | None = 1.0
+    l1: float = 0.0
+    chunk_size: int | None = None
+    mixed_precision: str = "no"
+    sparsity_bound: float = 0.2               # "low sparsity": the claim's bound on the share of zero mask weights
+    workers: int = 2                          # sandbox processes
+    timeout: float = 3.0                      # seconds per program
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     world: WorldConfig
@@ -121,6 +206,8 @@ class Profile:
     extra: dict = field(default_factory=dict)
     sentiment: SentimentConfig | None = None
     sepo: SePOConfig | None = None
+    code: CodeConfig | None = None
+    fpo: FPOConfig | None = None
 
     def results_dir(self, notebook: str) -> Path:
         """Where a notebook writes: `results/<notebook>/`, or a scratch folder in the cache for smoke runs."""
@@ -183,13 +270,61 @@ _CPU_SEPO = SePOConfig(oracle_steps=60, oracle_lr=1e-4, oracle_batch=8, k=(0.3, 
                        k_grid=(0.1, 0.3, 0.5, 0.9), k_claim=(0.1, 0.5), fractions=(0.1, 0.4), claim_seeds=3,
                        weak_layers=2, strong_factor=2, size_sft_steps=40)
 
+_SMOKE_FPO = FPOConfig(sae_width=128, sae_l0=8, sae_steps=30, sae_batch=64, cache_k=16, k=8, seeds=2,
+                       ablation_layers=(0,), alphas=(0.5, 2.0), ablation_seeds=1, control_weight=100.0,
+                       control_seeds=2, memory_methods=("simpo", "tdpo2", "fpo"), memory_repeats=1,
+                       memory_shape=(("pairs", 1), ("completion", 16), ("n_embd", 64), ("vocab", 1024),
+                                     ("steps", 2)))
+# Sized for <= 12 minutes on 2 idle cores, the world and notebook 02's baselines loaded from the cache: 6 SAEs
+# (3 layers x 2 sites) of ~15 s, 10 main runs, 5 + 7 ablation settings x 2 seeds, 2 control runs, the memory rounds.
+_CPU_FPO = FPOConfig(sae_width=1024, sae_l0=16, sae_steps=600, sae_batch=256, cache_k=64, k=16, seeds=5,
+                     ablation_layers=(0, 2), alphas=(0.1, 0.5, 1.0, 2.0), ablation_seeds=2, control_weight=100.0,
+                     control_seeds=3, memory_methods=("dpo", "simpo", "tdpo1", "tdpo2", "fpo", "fpo_online"),
+                     memory_repeats=3)
+
+_SMOKE_CODE = CodeConfig("templated", constants=(2, 3, 4), heldout_per_template=1, templates=8,
+                         correct_shares=(0.3, 0.6), sft_texts_per_problem=4, vocab_size=300, n_layer=1, n_embd=32,
+                         n_head=2, sft_steps=30, sft_batch_size=16, pair_samples=4, eval_samples=4, ks=(1, 2),
+                         seeds=2, steps=3, batch_size=4, warmup_steps=0)
+# Sized for <= 10 minutes on 2 idle cores from a timed pilot: the reference trained from scratch (~2 min), 8 samples of
+# 144 training problems executed, 6 methods x 5 seeds of 40 steps, each evaluated on 48 held-out problems x 20 samples
+# (every distinct program runs once per notebook).
+_CPU_CODE = CodeConfig("templated")
+# The real problems on one GPU: SmolLM2-135M-Instruct with its chat template as π_ref (no fine-tuning), pairs from
+# CodeGen-2B's 200 samples of each HumanEval problem (+ the canonical solution), pass@1/10/100 from 100 samples of
+# every MBPP problem (397; n = 100 makes pass@100 "any of the 100 passes", still unbiased).
+_GPU_CODE = CodeConfig("humaneval-mbpp", reference="smollm2-135m-instruct", max_length=768, pairs_per_problem=8,
+                       eval_samples=100, ks=(1, 10, 100), max_new_tokens=384, temperature=0.8, seeds=3, steps=100,
+                       batch_size=32, lr=1e-6, warmup_steps=10, mask_lr=3e-4, mixed_precision="bf16",
+                       workers=16, timeout=10.0)
+
+# gpu: the experiments of notebooks 02-05 at real scale on one GPU, with the offline SmolLM2-135M-Instruct as the base
+# model (no hub): notebook 02's sizes as in the paper where the offline data allow it (the prompt pool holds ~5,850
+# prompts, so 4,000 train / 2 x 512 held-out / 512 evaluation), GPT-2 large's learning rate 1e-6, 600 steps of 64
+# pairs, TDPO-2 and MaPO decided too. The mask knobs stay those of the cpu profile (mask lr 3e-4: at the policy's lr
+# of 1e-6 the mask networks would not move). KL levels and SimPO's grid need a pilot run at this scale.
+_GPU_WORLD = replace(_CPU_WORLD, hub_model="smollm2-135m-instruct", n_positions=2048, max_minutes=None)
+_GPU_SENTIMENT = replace(
+    _CPU_SENTIMENT, sft_steps=200, sft_batch_size=64, sft_lr=3e-5, max_length=128, prompt_words=8, new_tokens=48,
+    classifier_train_texts=10000, train_prompts=4000, heldout_pairs=512, eval_prompts=512, anchor_samples=2048,
+    planted_heldout_pairs=512, lr=1e-6, batch_size=64, warmup_steps=30, steps=600, eval_steps=(150, 300, 450, 600),
+    runs=_CPU_SENTIMENT.runs + (("tdpo2", (0.1,)), ("mapo", (0.8,))), larger_profile_only=())
+_GPU_SEPO = replace(_CPU_SEPO, oracle_steps=600, oracle_lr=1e-6, oracle_batch=64, weak_layers=8, size_sft_steps=200)
+
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", _SMOKE_WORLD, writes_results=False, sentiment=_SMOKE_SENTIMENT, sepo=_SMOKE_SEPO,
+                     code=_SMOKE_CODE,
+                     fpo=_SMOKE_FPO,
                      notes="CI: the whole pipeline on a tiny model in seconds; checks code paths, not science."),
-    "cpu": Profile("cpu", _CPU_WORLD, sentiment=_CPU_SENTIMENT, sepo=_CPU_SEPO,
+    "cpu": Profile("cpu", _CPU_WORLD, sentiment=_CPU_SENTIMENT, sepo=_CPU_SEPO, fpo=_CPU_FPO,
+                   code=_CPU_CODE,
                    notes="Default: small models trained offline on 2 CPU cores; results/ comes from this profile."),
+    "gpu": Profile("gpu", _GPU_WORLD, sentiment=_GPU_SENTIMENT, sepo=_GPU_SEPO, code=_GPU_CODE,
+                   extra={"requires_cuda": True},
+                   notes="One CUDA GPU, offline: SmolLM2-135M-Instruct (from PyPI) as base/reference model, the "
+                         "experiments at real scale, MBPP/HumanEval for code. Not run in CI."),
     "paper": Profile("paper", replace(_CPU_WORLD, hub_model="gpt2-large", n_positions=512, max_minutes=None),
-                     sentiment=_PAPER_SENTIMENT, sepo=_CPU_SEPO,
+                     sentiment=_PAPER_SENTIMENT, sepo=_CPU_SEPO, fpo=_CPU_FPO,
                      notes="One GPU and hub access: the papers' models and hyper-parameters. Not run in CI."),
 }
 
@@ -200,4 +335,10 @@ def get_profile(name: str | None = None) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)} "
                          "(set TOKENPO_PROFILE or papermill -p profile NAME)")
+    if PROFILES[name].extra.get("requires_cuda"):  # fail fast, before any notebook builds anything
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"the {name} profile needs a CUDA GPU; none is visible (torch.cuda.is_available() is "
+                               "False). Run it on a machine with one, or choose the cpu profile.")
     return PROFILES[name]

@@ -58,6 +58,10 @@ def validate_summary(summary: dict) -> None:
     for name, value in summary["headline"].items():
         if not isinstance(value, (int, float, str)):
             raise ValueError(f"summary.json: headline {name!r} must be a number or a string")
+    tables = summary.get("tables", {})
+    if not (isinstance(tables, dict) and all(isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
+                                             for rows in tables.values())):
+        raise ValueError("summary.json: 'tables' should map each table's name to a list of rows (dicts)")
 
 
 def load_summaries(results: str | Path = PROJECT_ROOT / "results") -> list[dict]:
@@ -77,7 +81,8 @@ def _fmt(value) -> str:
 
 
 def results_markdown(summaries: list[dict], root: Path = PROJECT_ROOT) -> str:
-    """One table per notebook (headline metric | value), with its figures linked, from the summaries."""
+    """One table per notebook (headline metric | value), its optional extra tables (summary key `tables`), and its
+    first two figures, from the summaries."""
     lines = []
     for s in summaries:
         rel = Path(s["_folder"]).relative_to(root)
@@ -88,6 +93,11 @@ def results_markdown(summaries: list[dict], root: Path = PROJECT_ROOT) -> str:
                   "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {_fmt(value)} |" for name, value in s["headline"].items()]
         lines.append("")
+        for name, rows in s.get("tables", {}).items():      # optional: {name: [records]} shown as tables
+            columns = list(rows[0]) if rows else []
+            lines += [f"{name}:", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+            lines.append("")
         lines += [f"![{fig}]({rel}/{fig})" for fig in s["figures"] if fig.endswith(".png")][:2]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -16,12 +16,16 @@ EVAL_COLUMNS = ("reward", "vader", "kl", "kl_sampled", *DETECTORS, "judge")
 
 
 def label(result: RunResult) -> str:
-    """"method β=…" (SimPO: "simpo β=… γ=…"; SePO: "sepo k=k_w/k_l [group]"): what a legend shows and what claims
+    """"method β=…" (SimPO: "simpo β=… γ=…"; SePO: "sepo k=k_w/k_l"), then the run's scalar options and its group
+    unless "main" or "simpo-grid" (e.g. "fpo β=0.1 alpha=2 [ablation]"): what a legend shows and what claims
     compare."""
     spec = result.spec
     if spec.k is not None:
-        return f"{spec.method} k={spec.k[0]:g}/{spec.k[1]:g}" + ("" if spec.group == "main" else f" [{spec.group}]")
-    return f"{spec.method} β={spec.beta:g}" + ("" if spec.gamma is None else f" γ={spec.gamma:g}")
+        text = f"{spec.method} k={spec.k[0]:g}/{spec.k[1]:g}"
+    else:
+        text = f"{spec.method} β={spec.beta:g}" + ("" if spec.gamma is None else f" γ={spec.gamma:g}")
+    text += "".join(f" {k}={v}" for k, v in spec.options if isinstance(v, (bool, int, float, str)))
+    return text + ("" if spec.group in ("main", "simpo-grid") else f" [{spec.group}]")
 
 
 def checkpoint_table(results: Sequence[RunResult], anchor: dict) -> pd.DataFrame:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ METHODS = {  # label -> (objective, fixed hyper-parameters)
     "mapo": ("mapo", {}), "sparsepo_common": ("sparsepo", {"common": True}),
     "sparsepo_independent": ("sparsepo", {"common": False}),
     "sepo": ("sepo", {}), "sepo_rand": ("sepo", {}),      # oracle-selected tokens / uniformly random tokens
+    "fpo": ("fpo", {}),                                   # its SAE features: run(..., providers=[FPOFeatures])
 }
 
 
@@ -33,8 +34,9 @@ METHODS = {  # label -> (objective, fixed hyper-parameters)
 class RunSpec:
     """One training run: a method label of `METHODS`, its β (SimPO: β and its margin γ; SePO: β is its reward scale
     γ), a seed (model init of the mask networks, data order, random tokens, sampling), SePO's selected shares
-    k = (k_w, k_l), and the group it belongs to (e.g. "main", or "simpo-grid", the pilot that picks SimPO's setting
-    before its main runs)."""
+    k = (k_w, k_l), the group it belongs to (e.g. "main", or "simpo-grid", the pilot that picks SimPO's setting
+    before its main runs) and `options`: more of the objective's hyper-parameters as (name, value) pairs, e.g.
+    (("alpha", 1.0), ("stop_chosen", False)) for FPO's ablations."""
 
     method: str
     beta: float
@@ -42,6 +44,7 @@ class RunSpec:
     gamma: float | None = None
     group: str = "main"
     k: tuple[float, float] | None = None
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -56,6 +59,8 @@ class RunSpec:
     def name(self) -> str:
         margin = "" if self.gamma is None else f"-g{self.gamma:g}"
         shares = "" if self.k is None else f"-k{self.k[0]:g}_{self.k[1]:g}"
+        shares += "".join(f"-{k}{v}" if isinstance(v, (bool, int, float, str)) else f"-{k}{content_hash(v)[:6]}"
+                          for k, v in self.options)
         return (f"{self.method}-b{self.beta:g}{margin}{shares}-s{self.seed}"
                 + ("" if self.group == "main" else f"-{self.group}"))
 
@@ -76,16 +81,18 @@ def simpo_grid_specs(cfg: SentimentConfig) -> list[RunSpec]:
     return [RunSpec("simpo", b, seed=0, gamma=g, group="simpo-grid") for b, g in cfg.simpo_grid]
 
 
-def train_config(spec: RunSpec, cfg: SentimentConfig, out_dir: str | Path, steps: int) -> TrainConfig:
+def train_config(spec: RunSpec, cfg: SentimentConfig, out_dir: str | Path, steps: int,
+                 providers: Sequence | None = None) -> TrainConfig:
+    """The run's TrainConfig; `providers` replaces the method's default providers (e.g. FPO's `FPOFeatures`)."""
     objective, fixed = METHODS[spec.method]
-    hparams = {"beta": spec.beta, **fixed}
+    hparams = {"beta": spec.beta, **fixed, **dict(spec.options)}
     if spec.gamma is not None:
         hparams["gamma"] = spec.gamma
     kwargs = {}
     if objective == "sepo":
         from tokenpo.providers import SePOSelections
 
-        hparams = {"gamma": spec.beta}
+        hparams = {"gamma": spec.beta, **dict(spec.options)}
         column = "token_scores" if spec.method == "sepo" else None
         kwargs = dict(providers=[SePOSelections(spec.k[0], spec.k[1], column=column, seed=spec.seed)])
     if objective == "sparsepo":
@@ -94,6 +101,8 @@ def train_config(spec: RunSpec, cfg: SentimentConfig, out_dir: str | Path, steps
         hparams.update(l1_reward=cfg.l1, l1_kl=cfg.l1)
         kwargs = dict(provider_learning_rate=cfg.mask_lr,
                       providers=[SparsePOMasks(**({} if cfg.mixer_init is None else {"mixer_init": cfg.mixer_init}))])
+    if providers is not None:
+        kwargs["providers"] = list(providers)
     return TrainConfig(method=objective, hparams=hparams, learning_rate=cfg.lr, schedule="constant",
                        warmup_steps=cfg.warmup_steps, max_steps=steps, batch_size=cfg.batch_size, seed=spec.seed,
                        cpu=not torch.cuda.is_available(), progress=False, save_final=False, save_every=None, out_dir=out_dir,
@@ -227,20 +236,22 @@ class RunResult:
 
 def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: CheckpointEvaluator | None,
         identity: dict, collator, analyse: Callable | None = None, steps: int | None = None,
-        eval_steps: Sequence[int] = (), judge: bool = True) -> RunResult:
+        eval_steps: Sequence[int] = (), judge: bool = True, providers: Sequence | None = None) -> RunResult:
     """Train one run and return its per-step history, checkpoint evaluations, last-step analyses and mask networks.
-    `judge=False` skips the MiniLM judge at the last checkpoint (the slowest part of an evaluation).
+    `judge=False` skips the MiniLM judge at the last checkpoint (the slowest part of an evaluation); `providers`
+    replaces the method's default providers (their `settings()` enter the cache key).
 
     Cached by the run's settings and `identity` (what the run depends on that is not in its settings: the reference,
-    the reward, the evaluation, the analyses) together with a hash of the pairs and of the training code."""
+    the reward, the evaluation, the analyses: an `analyse` with an `identity` attribute is keyed by it) together with
+    a hash of the pairs and of the training code."""
     from safetensors.torch import load_file, save_file
 
     steps = steps or cfg.steps
-    probe = train_config(spec, cfg, "", steps)
+    probe = train_config(spec, cfg, "", steps, providers)
     settings = {k: getattr(probe, k) for k in probe.__dataclass_fields__ if k not in ("out_dir", "progress", "providers")}
     settings["providers"] = [p.settings() for p in probe.providers or []]
     inputs = {"kind": "sentiment-run", "version": SWEEP_VERSION, "spec": asdict(spec), "train": settings,
-              "eval_steps": sorted(eval_steps), "judge": judge, "analysed": analyse is not None, **identity,
+              "eval_steps": sorted(eval_steps), "judge": judge, "analysed": getattr(analyse, "identity", analyse is not None), **identity,
               "pairs": pairs_fingerprint(pairs),
               "code": code_fingerprint(*TRAINING_CODE)}
 
@@ -249,7 +260,7 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
         policy = copy.deepcopy(reference).requires_grad_(True)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            result = train(policy, reference, pairs, train_config(spec, cfg, Path(tmp) / "run", steps),
+            result = train(policy, reference, pairs, train_config(spec, cfg, Path(tmp) / "run", steps, providers),
                            collator=collator, callbacks=[callback])
         total = time.perf_counter() - start
         timing = {"seconds": total, "eval_seconds": callback.eval_seconds, "steps": result.steps,
