@@ -9,6 +9,9 @@
     headline: dict       name -> number or string: what the README's results table shows
     figures: list[str]   figure files, relative to the summary's folder
     created: str         ISO date-time (UTC)
+optional:
+    stage_seconds: dict  stage name -> seconds (`Timer.stage`)
+    tables: dict         table name -> list of rows (dicts): shown under the headline in the README
 """
 from __future__ import annotations
 
@@ -29,20 +32,30 @@ README_END = "<!-- results:end -->"
 
 
 class Timer:
-    """Started at the top of a notebook; `elapsed` goes into the summary."""
+    """Started at the top of a notebook; `elapsed` goes into the summary, and so do the `stages`: `stage(name)`
+    records (and prints) the seconds since the previous stage ended."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
+        self._last = self.start
+        self.stages: dict[str, float] = {}
 
     @property
     def elapsed(self) -> float:
         return round(time.perf_counter() - self.start, 1)
+
+    def stage(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = round(now - self._last, 1)
+        self._last = now
+        print(f"[{name}: {self.stages[name]:.1f} s]")
 
 
 def write_summary(folder: str | Path, notebook: str, profile: str, seed: int, headline: dict, figures: list[str],
                   timer: Timer, **extra) -> Path:
     summary = {"notebook": notebook, "profile": profile, "seed": seed, "wall_seconds": timer.elapsed,
                "versions": package_versions(), "headline": headline, "figures": figures,
+               **({"stage_seconds": timer.stages} if timer.stages else {}),
                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **extra}
     validate_summary(summary)
     return atomic_write_text(Path(folder) / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")

@@ -4,13 +4,15 @@ with known key tokens, and the checkpoint evaluator with its reference anchor. E
 second notebook to ask for the world loads it in seconds; the numbers are those of notebook 02."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import datasets
 import numpy as np
 
-from tokenpo.cache import code_fingerprint, content_hash
+from tokenpo.cache import cached_step, code_fingerprint, content_hash, weights_fingerprint
 from tokenpo.data import load_sentiment_rows
 from tokenpo.data.collator import PreferenceCollator
 from tokenpo.data.preference import tokenize_pairs
@@ -61,11 +63,20 @@ class SentimentWorld:
 
     def anchor(self, model=None, tokenizer=None) -> dict:
         """A reference evaluated on `anchor_samples` fresh samples (every evaluation prompt several times): the
-        frontier's anchor at KL 0."""
+        frontier's anchor at KL 0. Cached by the model's weights and the evaluation."""
         s = self.profile.sentiment
         repeats = max(1, s.anchor_samples // len(self.eval_prompts))
-        return self.evaluator(model, tokenizer)(model or self.reference, with_judge=True,
-                                                prompts=self.eval_prompts * repeats, seed=self.seed + 7)
+        model = model or self.reference
+        evaluator = self.evaluator(model, tokenizer)
+        inputs = {"kind": "sentiment-anchor", "model": weights_fingerprint(model.state_dict()),
+                  "evaluator": evaluator.identity, "judge": self.judge_id, "repeats": repeats, "seed": self.seed + 7,
+                  "code": code_fingerprint("tasks/sentiment", "evaluation")}
+
+        def build(folder: Path) -> None:
+            row = evaluator(model, with_judge=True, prompts=self.eval_prompts * repeats, seed=self.seed + 7)
+            (folder / "anchor.json").write_text(json.dumps(row, default=float))
+
+        return json.loads((cached_step("sentiment-anchor", inputs, build) / "anchor.json").read_text())
 
     def analysis(self):
         """(labelled held-out sets, the per-run `analyse` function) — the same for every notebook, so that runs shared
