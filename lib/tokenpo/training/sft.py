@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from tokenpo.tokens import next_token_loss
 from tokenpo.utils import pad_token_id, set_seed
 
 from .checkpoint import EpochSampler
@@ -82,14 +82,6 @@ def _collate(pad_id: int):
     return collate
 
 
-def _token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(summed next-token NLL over real tokens, number of predicted tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
-
-
 @torch.no_grad()
 def heldout_loss(model, tokenizer, texts: Sequence[str], max_length: int = 128, batch_size: int = 32) -> float:
     """Mean next-token loss (nats per token) of ``model`` on ``texts`` (each followed by EOS)."""
@@ -103,7 +95,7 @@ def _mean_loss(model, encoded: list[list[int]], pad_id: int, batch_size: int) ->
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in DataLoader(encoded, batch_size=batch_size, collate_fn=_collate(pad_id)):
-        loss, n = _token_loss(model, {k: v.to(device) for k, v in batch.items()})
+        loss, n = next_token_loss(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -147,7 +139,8 @@ def sft(model, tokenizer, texts: Sequence[str], config: SFTConfig | None = None,
     while step < total_steps:
         sampler.set_epoch(epoch)
         for batch in loader:
-            loss_sum, n_tokens = _token_loss(model, {k: v.to(device) for k, v in batch.items()})
+            loss_sum, n_tokens = next_token_loss(model, batch["input_ids"].to(device),
+                                                 batch["attention_mask"].to(device))
             loss = loss_sum / max(n_tokens, 1)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite SFT loss at step {step + 1}")
