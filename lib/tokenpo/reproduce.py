@@ -47,11 +47,15 @@ def run_notebook(notebook: Path, profile: str, kernel: str | None = None) -> tup
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="cpu", help="smoke | cpu | paper (default cpu)")
+    parser.add_argument("--profile", default="cpu", help="smoke | cpu | gpu | paper (default cpu)")
     parser.add_argument("--only", nargs="*", help="run only these notebooks (names or number prefixes)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's own)")
     args = parser.parse_args(argv)
-    get_profile(args.profile)  # fail early on a bad name
+    try:
+        get_profile(args.profile)  # fail early on a bad name, or on the gpu profile without a GPU
+    except (ValueError, RuntimeError) as error:
+        print(f"tokenpo.reproduce: {error}", file=sys.stderr)
+        return 2
 
     from papermill.exceptions import PapermillExecutionError
 
