@@ -18,11 +18,18 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m ipykernel install --sys-prefix --name tokenpo --display-name "Python (tokenpo)" >/dev/null
 	@touch $(STAMP)
 	@echo "environment ready: $(VENV)"
 
-env: $(STAMP)
+# The notebooks' kernel. OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning while they wait;
+# on a 2-core machine with other work running, spinning threads slowed the notebooks' small steps several-fold
+# (benchmarks/bench_threads.py).
+KERNEL := $(VENV)/share/jupyter/kernels/tokenpo/kernel.json
+$(KERNEL): $(STAMP) Makefile
+	$(PY) -m ipykernel install --sys-prefix --name tokenpo --display-name "Python (tokenpo)" \
+		--env OMP_WAIT_POLICY PASSIVE >/dev/null
+
+env: $(STAMP) $(KERNEL)
 
 # Unit tests, then every notebook under the smoke profile (nbval: cells must run without error).
 test: env
