@@ -312,20 +312,24 @@ _GPU_SENTIMENT = replace(
     runs=_CPU_SENTIMENT.runs + (("tdpo2", (0.1,)), ("mapo", (0.8,))), larger_profile_only=())
 _GPU_SEPO = replace(_CPU_SEPO, oracle_steps=600, oracle_lr=1e-6, oracle_batch=64, weak_layers=8, size_sft_steps=200)
 
+# FPO at scale: SAE width ~7x the residual width as in the paper (16k on Gemma-2-2B's 2,304), the paper's top-k 50.
+_GPU_FPO = replace(_CPU_FPO, sae_width=4096, sae_l0=40, sae_steps=4000, sae_batch=1024, cache_k=128, k=50,
+                   ablation_layers=(0, 15))
+_PAPER_FPO = replace(_CPU_FPO, sae_width=8192, sae_l0=50, sae_steps=4000, sae_batch=1024, cache_k=128, k=50,
+                     ablation_layers=(0, 18))
+
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", _SMOKE_WORLD, writes_results=False, sentiment=_SMOKE_SENTIMENT, sepo=_SMOKE_SEPO,
-                     code=_SMOKE_CODE,
-                     fpo=_SMOKE_FPO,
+                     code=_SMOKE_CODE, fpo=_SMOKE_FPO,
                      notes="CI: the whole pipeline on a tiny model in seconds; checks code paths, not science."),
-    "cpu": Profile("cpu", _CPU_WORLD, sentiment=_CPU_SENTIMENT, sepo=_CPU_SEPO, fpo=_CPU_FPO,
-                   code=_CPU_CODE,
+    "cpu": Profile("cpu", _CPU_WORLD, sentiment=_CPU_SENTIMENT, sepo=_CPU_SEPO, fpo=_CPU_FPO, code=_CPU_CODE,
                    notes="Default: small models trained offline on 2 CPU cores; results/ comes from this profile."),
-    "gpu": Profile("gpu", _GPU_WORLD, sentiment=_GPU_SENTIMENT, sepo=_GPU_SEPO, code=_GPU_CODE,
+    "gpu": Profile("gpu", _GPU_WORLD, sentiment=_GPU_SENTIMENT, sepo=_GPU_SEPO, code=_GPU_CODE, fpo=_GPU_FPO,
                    extra={"requires_cuda": True},
                    notes="One CUDA GPU, offline: SmolLM2-135M-Instruct (from PyPI) as base/reference model, the "
                          "experiments at real scale, MBPP/HumanEval for code. Not run in CI."),
     "paper": Profile("paper", replace(_CPU_WORLD, hub_model="gpt2-large", n_positions=512, max_minutes=None),
-                     sentiment=_PAPER_SENTIMENT, sepo=_CPU_SEPO, fpo=_CPU_FPO,
+                     sentiment=_PAPER_SENTIMENT, sepo=_CPU_SEPO, fpo=_PAPER_FPO,
                      notes="One GPU and hub access: the papers' models and hyper-parameters. Not run in CI."),
 }
 
