@@ -22,7 +22,9 @@ def tmp_cache(tmp_path, monkeypatch):
 
 
 def test_profiles_lookup(monkeypatch):
-    assert set(PROFILES) == {"smoke", "cpu", "paper"}
+    assert set(PROFILES) == {"smoke", "cpu", "gpu", "paper"}
+    for profile in PROFILES.values():           # every profile sizes every experiment notebook
+        assert None not in (profile.sentiment, profile.sepo, profile.fpo), profile.name
     monkeypatch.delenv("TOKENPO_PROFILE", raising=False)
     assert get_profile().name == "cpu"
     monkeypatch.setenv("TOKENPO_PROFILE", "smoke")
