@@ -4,8 +4,8 @@ Every (model, method) runs in a fresh subprocess (so its peak memory is its own)
 (`tokenpo.training.train`: accelerate, AdamW, clipping, logging), on the same pairs, for `--warmup` + `--steps` optimizer
 steps; the step time is the median of the steady-state steps. Methods are run in `--rounds` interleaved rounds
 (A B C … A B C …) and each figure is the median over rounds, so that a busy machine slows every method alike; the
-ratios are what to read. Peak memory is the rise of the peak resident set size over the size after the models and
-the data were loaded (CPU).
+ratios are what to read. Peak memory is the rise of the peak resident set size (VmHWM, restarted there) over the
+size after the models and the data were loaded (CPU).
 
 Models: "tiny" = the committed base model of notebook 00 (GPT-2, 4 layers × 256, vocabulary 4,096); "gpt2-head" =
 GPT-2-small's width and vocabulary (768, 50,257) with 2 layers, where the full-vocabulary terms dominate. TRL
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,15 +33,6 @@ METHODS = ("dpo", "ipo", "simpo", "sepo", "tdpo1", "tdpo2", "mapo", "sparsepo")
 TIME_TARGETS = {"sparsepo": 1.15, "mapo": 1.15, "tdpo1": 1.10}
 MEMORY_TARGETS = {"sparsepo": 1.05}
 TRL_SPEEDUP_TARGETS = {"dpo": 1.5, "sparsepo": 1.2}
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _model(kind: str):
@@ -83,6 +72,8 @@ def worker(args) -> dict:
 
     import torch
 
+    from tokenpo.utils import memory_mb, reset_peak_memory
+
     torch.set_num_threads(args.threads)
     tokenizer, policy = _model(args.model)
     reference = copy.deepcopy(policy).eval()
@@ -107,7 +98,8 @@ def worker(args) -> dict:
             trainer = DPOTrainer(model=policy, ref_model=reference, args=config,
                                  train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
                                  callbacks=[Stamp()])
-            base = _rss_mb()
+            reset_peak_memory()
+            base = memory_mb()[0]
             trainer.train()
     else:
         from tokenpo.data.preference import tokenize_pairs
@@ -126,10 +118,11 @@ def worker(args) -> dict:
                                  learning_rate=1e-6, schedule="constant", cpu=True, progress=False,
                                  save_final=False, save_every=None, out_dir=tmp, providers=providers, shuffle=False,
                                  chunk_size=args.chunk_size)
-            base = _rss_mb()
+            reset_peak_memory()
+            base = memory_mb()[0]
             train(policy, reference, pairs, config, tokenizer=tokenizer, callbacks=[Stamp()])
     steps = [b - a for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:])]
-    return {"step_seconds": statistics.median(steps), "peak_mb": _peak_mb() - base, "steps": len(steps)}
+    return {"step_seconds": statistics.median(steps), "peak_mb": memory_mb()[1] - base, "steps": len(steps)}
 
 
 def profile_step(args) -> None:

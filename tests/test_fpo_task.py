@@ -133,3 +133,16 @@ def test_fpo_run_specs_name_their_options():
     assert spec.name.startswith("fpo-b0.1-alpha2.0-stop_chosenFalse-feature_weights") and spec.name.endswith("-s2")
     assert RunSpec("fpo", 0.1, options=(("feature_weights", (1.0, 5.0)),)).name != \
         RunSpec("fpo", 0.1, options=(("feature_weights", (1.0, 100.0)),)).name
+
+
+def test_peak_memory_rises_with_an_allocation_and_restarts():
+    from tokenpo.utils import memory_mb, reset_peak_memory
+
+    reset_peak_memory()
+    before, _ = memory_mb()
+    block = torch.ones(64 * 2**20 // 4)              # 64 MB, touched
+    del block
+    now, peak = memory_mb()
+    assert peak - before > 50
+    reset_peak_memory()
+    assert memory_mb()[1] - memory_mb()[0] < 20

@@ -233,3 +233,24 @@ def test_frontier_per_run_interpolates_and_never_extrapolates():
     table = analysis.runs_table(results)
     assert table["held-out accuracy"].tolist() == pytest.approx([0.61, 0.62])
     assert table["train accuracy"].tolist() == pytest.approx([0.595, 0.595])  # mean of the last 20 % of the steps
+
+
+def test_run_callback_evaluates_at_its_steps_and_analyses_after_the_last_step():
+    from tokenpo.tasks.sentiment.sweep import _RunCallback
+
+    calls = []
+
+    def evaluator(policy, with_judge=False):
+        calls.append(with_judge)
+        return {"reward": 0.0}
+
+    analysed = []
+    callback = _RunCallback(evaluator, (2, 4), lambda p, m, i: analysed.append(p) or {"x": 1}, last_step=6)
+    for step in range(1, 7):
+        callback.on_step_end(step, {}, f"policy@{step}", [])
+    assert [e["step"] for e in callback.evals] == [2, 4] and calls == [False, True]   # the judge at the last eval
+    assert analysed == ["policy@6"] and callback.analysis == {"x": 1}
+    no_eval = _RunCallback(None, (), lambda p, m, i: {"y": p}, last_step=3)
+    for step in range(1, 4):
+        no_eval.on_step_end(step, {}, step, [])
+    assert no_eval.evals == [] and no_eval.analysis == {"y": 3}

@@ -125,7 +125,8 @@ class FPOConfig:
     seeds: int                             # FPO and TDPO-2 here, DPO / TDPO-1 / SimPO from notebook 02's cache
     ablation_layers: tuple[int, ...]       # SAE layers of the ablation, each at both sites (block_out, mlp_out)
     alphas: tuple[float, ...]              # α grid of the ablation, with and without the chosen-side stop-gradient
-    ablation_seeds: int
+    ablation_seeds: int                    # seeds per (layer, site)
+    alpha_seeds: int                       # seeds per (α, stop-gradient)
     control_weight: float                  # the targeted feature's weight in the feature MSE (others: 1)
     control_seeds: int
     memory_methods: tuple[str, ...]        # `tokenpo.tasks.fpo.memory.METHODS`
@@ -176,6 +177,7 @@ class CodeConfig:
     eval_problems: int | None = None
     max_new_tokens: int = 24
     temperature: float = 1.0
+    sample_batch: int = 256                  # prompts per generate() call
     # the pre-registered runs: method -> betas, each with `seeds` seeds; SimPO at (β, γ) = `simpo`
     runs: tuple[tuple[str, tuple[float, ...]], ...] = (
         ("dpo", (0.1,)), ("tdpo1", (0.1,)), ("mapo", (0.1,)), ("sparsepo_common", (0.1,)),
@@ -271,14 +273,14 @@ _CPU_SEPO = SePOConfig(oracle_steps=60, oracle_lr=1e-4, oracle_batch=8, k=(0.3, 
                        weak_layers=2, strong_factor=2, size_sft_steps=40)
 
 _SMOKE_FPO = FPOConfig(sae_width=128, sae_l0=8, sae_steps=30, sae_batch=64, cache_k=16, k=8, seeds=2,
-                       ablation_layers=(0,), alphas=(0.5, 2.0), ablation_seeds=1, control_weight=100.0,
+                       ablation_layers=(0,), alphas=(0.5, 2.0), ablation_seeds=1, alpha_seeds=1, control_weight=100.0,
                        control_seeds=2, memory_methods=("simpo", "tdpo2", "fpo"), memory_repeats=1,
                        memory_shape=(("pairs", 1), ("completion", 16), ("n_embd", 64), ("vocab", 1024),
                                      ("steps", 2)))
 # Sized for <= 12 minutes on 2 idle cores, the world and notebook 02's baselines loaded from the cache: 6 SAEs
 # (3 layers x 2 sites) of ~15 s, 10 main runs, 5 + 7 ablation settings x 2 seeds, 2 control runs, the memory rounds.
 _CPU_FPO = FPOConfig(sae_width=1024, sae_l0=16, sae_steps=600, sae_batch=256, cache_k=64, k=16, seeds=5,
-                     ablation_layers=(0, 2), alphas=(0.1, 0.5, 1.0, 2.0), ablation_seeds=2, control_weight=100.0,
+                     ablation_layers=(0, 2), alphas=(0.1, 0.5, 1.0, 2.0), ablation_seeds=2, alpha_seeds=1, control_weight=100.0,
                      control_seeds=3, memory_methods=("dpo", "simpo", "tdpo1", "tdpo2", "fpo", "fpo_online"),
                      memory_repeats=3)
 
@@ -295,9 +297,9 @@ _CPU_CODE = CodeConfig("templated")
 # CodeGen-2B's 200 samples of each HumanEval problem (+ the canonical solution), pass@1/10/100 from 100 samples of
 # every MBPP problem (397; n = 100 makes pass@100 "any of the 100 passes", still unbiased).
 _GPU_CODE = CodeConfig("humaneval-mbpp", reference="smollm2-135m-instruct", max_length=768, pairs_per_problem=8,
-                       eval_samples=100, ks=(1, 10, 100), max_new_tokens=384, temperature=0.8, seeds=3, steps=100,
-                       batch_size=32, lr=1e-6, warmup_steps=10, mask_lr=3e-4, mixed_precision="bf16",
-                       workers=16, timeout=10.0)
+                       eval_samples=100, ks=(1, 10, 100), max_new_tokens=256, temperature=0.8, sample_batch=1024,
+                       seeds=3, steps=100, batch_size=32, lr=1e-6, warmup_steps=10, mask_lr=3e-4,
+                       mixed_precision="bf16", workers=16, timeout=10.0)
 
 # gpu: the experiments of notebooks 02-05 at real scale on one GPU, with the offline SmolLM2-135M-Instruct as the base
 # model (no hub): notebook 02's sizes as in the paper where the offline data allow it (the prompt pool holds ~5,850

@@ -1,4 +1,5 @@
-"""Small helpers every module shares: seeding, package versions, PEFT unwrapping, a tokenizer's pad id."""
+"""Small helpers every module shares: seeding, package versions, PEFT unwrapping, a tokenizer's pad id, process
+memory."""
 from __future__ import annotations
 
 import os
@@ -52,3 +53,22 @@ def pad_token_id(tokenizer) -> int:
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token")
     return pad
+
+
+def memory_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MB, from /proc/self/status (Linux). The peak is the
+    process's own high-water mark (VmHWM), which `reset_peak_memory` restarts. (getrusage's ru_maxrss is no use in a
+    child process: it keeps the parent's size from the fork.)"""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def reset_peak_memory() -> None:
+    """Restart this process's peak resident set size at its current size (Linux ≥ 4.0: /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

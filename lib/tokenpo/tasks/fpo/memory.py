@@ -5,7 +5,7 @@ activations, and — for reference-based methods — the reference model and its
 reference log-probabilities at every position). With the offline cache FPO needs no reference model at all. On a
 CPU the honest measure is the process's peak resident set: each measurement is a new Python process
 (`python -m tokenpo.tasks.fpo.memory`) that builds the model, trains a few steps through the real trainer and reports
-its peak RSS above what it held before the first model was built. The methods run in interleaved rounds
+its peak RSS (VmHWM, restarted just before) above what it held before the model was built. The methods run in interleaved rounds
 (A B C … A B C …), so a busy machine touches every method alike.
 
 The model has GPT-2-small's width and vocabulary (768, 50,257) and 2 blocks, randomly initialised (memory does not
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,15 +43,6 @@ class Shape:
     vocab: int = 50257
     steps: int = 2            # the first step allocates the optimizer state; the second holds it with everything else
     threads: int = 2
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _model(shape: Shape):
@@ -108,10 +97,12 @@ def prepare(shape: Shape, folder: Path) -> None:
 
 def measure(method: str, shape: Shape, folder: Path | None) -> dict:
     """Train `shape.steps` steps of `method` in this process; its peak RSS above the RSS before the model was built
-    (MB; measured after a warm-up step on a tiny model, so that it counts no library) and the median step time."""
+    (MB; after a warm-up step on a tiny model, so that it counts no library, and with the peak restarted there) and the
+    median step time."""
     import torch
 
     from tokenpo.training import TrainConfig, train
+    from tokenpo.utils import memory_mb, reset_peak_memory
 
     torch.set_num_threads(shape.threads)
     pairs, collator = _pairs(shape), _collator()
@@ -133,7 +124,8 @@ def measure(method: str, shape: Shape, folder: Path | None) -> dict:
         sae = SparseAutoencoder.from_pretrained(folder / "sae")
         cache = FPOReferenceCache.load(folder / "cache") if method == "fpo" else None
         providers, hparams = [FPOFeatures(sae, pooling="paper", cache=cache)], {"k": 16}
-    base = _rss_mb()
+    reset_peak_memory()
+    base, _ = memory_mb()
     policy = _model(shape)
     stamps: list[float] = []
 
@@ -146,7 +138,7 @@ def measure(method: str, shape: Shape, folder: Path | None) -> dict:
                                           hparams=hparams, providers=providers), collator=collator,
               callbacks=[Stamp()])
     steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-    return {"method": method, "peak_mb": _peak_mb() - base,
+    return {"method": method, "peak_mb": memory_mb()[1] - base,
             "step_seconds": steps[len(steps) // 2] if steps else float("nan")}
 
 

@@ -167,11 +167,12 @@ def _repeated_rewarded_words(reward, texts: Sequence[str]) -> float:
 
 
 class _RunCallback:
-    """Checkpoint evaluations during the run, and the per-run analyses at its last step."""
+    """Checkpoint evaluations at `steps` (with an evaluator), and the per-run analyses at the run's `last_step`."""
 
     def __init__(self, evaluator: CheckpointEvaluator | None, steps: Sequence[int], analyse: Callable | None,
-                 judge: bool = True):
+                 judge: bool = True, last_step: int | None = None):
         self.evaluator, self.steps, self.analyse, self.judge = evaluator, sorted(steps), analyse, judge
+        self.last_step = last_step if last_step is not None else (self.steps[-1] if self.steps else None)
         self.evals: list[dict] = []
         self.analysis: dict = {}
         self.initial_masks: dict | None = None
@@ -183,12 +184,14 @@ class _RunCallback:
             self.initial_masks = {k: v.detach().clone() for k, v in masks.state_dict().items()}
 
     def on_step_end(self, step, metrics, policy, providers) -> None:
-        if self.evaluator is None or step not in self.steps:
+        evaluate = self.evaluator is not None and step in self.steps
+        analyse = self.analyse is not None and step == self.last_step
+        if not (evaluate or analyse):
             return
         start = time.perf_counter()
-        last = step == self.steps[-1]
-        self.evals.append({"step": step, **self.evaluator(policy, with_judge=last and self.judge)})
-        if last and self.analyse is not None:
+        if evaluate:
+            self.evals.append({"step": step, **self.evaluator(policy, with_judge=step == self.steps[-1] and self.judge)})
+        if analyse:
             self.analysis = self.analyse(policy, _mask_provider(providers), self.initial_masks)
         self.eval_seconds += time.perf_counter() - start
 
@@ -238,7 +241,8 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
         identity: dict, collator, analyse: Callable | None = None, steps: int | None = None,
         eval_steps: Sequence[int] = (), judge: bool = True, providers: Sequence | None = None) -> RunResult:
     """Train one run and return its per-step history, checkpoint evaluations, last-step analyses and mask networks.
-    `judge=False` skips the MiniLM judge at the last checkpoint (the slowest part of an evaluation); `providers`
+    `judge=False` skips the MiniLM judge at the last checkpoint (the slowest part of an evaluation); without an
+    evaluator (or `eval_steps`) no checkpoint is evaluated, and `analyse` still runs after the last step; `providers`
     replaces the method's default providers (their `settings()` enter the cache key).
 
     Cached by the run's settings and `identity` (what the run depends on that is not in its settings: the reference,
@@ -256,7 +260,7 @@ def run(spec: RunSpec, reference, pairs, cfg: SentimentConfig, evaluator: Checkp
               "code": code_fingerprint(*TRAINING_CODE)}
 
     def build(folder: Path) -> None:
-        callback = _RunCallback(evaluator, eval_steps, analyse, judge)
+        callback = _RunCallback(evaluator, eval_steps, analyse, judge, last_step=steps)
         policy = copy.deepcopy(reference).requires_grad_(True)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
