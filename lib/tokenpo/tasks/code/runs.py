@@ -73,8 +73,9 @@ class PassAtK:
 
     @property
     def identity(self) -> str:
-        return content_hash([[self.prompt_of(p), p.test, p.entry_point, p.stop] for p in self.problems]
-                            + [self.n, self.ks, self.max_new_tokens, self.temperature, self.seed, self.extra_stop])
+        return content_hash([[self.prompt_of(p), p.prompt, p.test, p.entry_point, p.stop] for p in self.problems]
+                            + [self.n, self.ks, self.max_new_tokens, self.temperature, self.seed, self.extra_stop,
+                               self.batch_size])
 
     def __call__(self, policy) -> dict:
         from tokenpo.evaluation import estimate_pass_at_k

@@ -6,7 +6,8 @@ Which problems are trained on and which are held out:
 * templated (cpu, smoke): pairs and fine-tuning texts come from the training problems only; every held-out problem
   is a (template, constant) never seen in training (its template is, with other constants).
 * gpu: pairs from HumanEval (CodeGen-2B's samples and the canonical solutions), pass@k on MBPP — a disjoint set of
-  problems and a different benchmark. This way round because CodeGen-2B's 200 samples per HumanEval problem give
+  problems and a different benchmark. The instruct model writes whole functions in its chat format
+  (`problems.chat_prompt`, `problems.chat_variant`); the pairs' programs are put in the same form. This way round because CodeGen-2B's 200 samples per HumanEval problem give
   pass-vs-fail pairs even where a 135M model rarely passes (on-policy samples of MBPP would leave most problems
   without a passing program), and MBPP's 397 problems give the larger evaluation set.
 """
@@ -52,7 +53,7 @@ class CodeWorld:
         c = self.profile.code
         return PassAtK(self.tokenizer, self.heldout_problems, self.prompt_of, c.eval_samples, c.ks,
                        self.max_new_tokens, c.temperature, self.executions, seed=self.seed + 1234 if seed is None
-                       else seed, extra_stop=self.extra_stop)
+                       else seed, extra_stop=self.extra_stop, batch_size=c.sample_batch)
 
     def identity(self, evaluator: PassAtK) -> dict:
         """What a run depends on beyond its own settings (the run cache's key)."""
@@ -94,13 +95,14 @@ def code_world(profile: Profile, seed: int = 0, progress: Callable[[str], None] 
         executions = Executions({p.task_id: p for p in every}, workers=c.workers, timeout=c.timeout)
         reference.to(_device())
         pairs, samples = sampled_pairs(reference, reference_id, tokenizer, train, c.pair_samples, prompt_of, max_new,
-                                       c.temperature, seed, c.pairs_per_problem, executions)
+                                       c.temperature, seed, c.pairs_per_problem, executions, batch_size=c.sample_batch)
     elif c.problems == "humaneval-mbpp":
         from tokenpo.models import load_model, load_tokenizer
 
-        training = P.humaneval_training_set()
+        training = [P.chat_variant(p, samples) for p, samples in P.humaneval_training_set()]
         train = [p for p, _ in training]
-        heldout = P.mbpp_problems()[:c.eval_problems] if c.eval_problems else P.mbpp_problems()
+        mbpp = P.mbpp_problems()[:c.eval_problems] if c.eval_problems else P.mbpp_problems()
+        heldout = [P.chat_variant(p)[0] for p in mbpp]
         done("problems")
         tokenizer = load_tokenizer(c.reference)
         reference = load_model(c.reference).eval().to(_device())
@@ -108,7 +110,7 @@ def code_world(profile: Profile, seed: int = 0, progress: Callable[[str], None] 
         extra_stop = P.CHAT_STOP
 
         def prompt_of(problem):
-            return P.chat_prompt(tokenizer, problem.prompt)
+            return P.chat_prompt(tokenizer, problem.shown)
 
         done("reference")
         executions = Executions({p.task_id: p for p in train + heldout}, workers=c.workers, timeout=c.timeout)
