@@ -277,11 +277,12 @@ _SMOKE_FPO = FPOConfig(sae_width=128, sae_l0=8, sae_steps=30, sae_batch=64, cach
                        control_seeds=2, memory_methods=("simpo", "tdpo2", "fpo"), memory_repeats=1,
                        memory_shape=(("pairs", 1), ("completion", 16), ("n_embd", 64), ("vocab", 1024),
                                      ("steps", 2)))
-# Sized for <= 12 minutes on 2 idle cores, the world and notebook 02's baselines loaded from the cache: 6 SAEs
-# (3 layers x 2 sites) of ~15 s, 10 main runs, 5 + 7 ablation settings x 2 seeds, 2 control runs, the memory rounds.
+# Sized from a timed pilot (32 min on 2 cores shared with another job, notebook 02's baselines trained in it; ~20 s a
+# run when the machine is idle): 6 SAEs (3 layers x 2 sites), 10 main runs, 5 (layer, site) settings x 2 seeds and
+# 7 (alpha, sg) settings x 1 seed, 5 control runs, 6 methods x 3 memory rounds in fresh processes.
 _CPU_FPO = FPOConfig(sae_width=1024, sae_l0=16, sae_steps=600, sae_batch=256, cache_k=64, k=16, seeds=5,
                      ablation_layers=(0, 2), alphas=(0.1, 0.5, 1.0, 2.0), ablation_seeds=2, alpha_seeds=1, control_weight=100.0,
-                     control_seeds=3, memory_methods=("dpo", "simpo", "tdpo1", "tdpo2", "fpo", "fpo_online"),
+                     control_seeds=5, memory_methods=("dpo", "simpo", "tdpo1", "tdpo2", "fpo", "fpo_online"),
                      memory_repeats=3)
 
 _SMOKE_CODE = CodeConfig("templated", constants=(2, 3, 4), heldout_per_template=1, templates=8,
