@@ -19,7 +19,7 @@ class PreferenceCollator:
     (one value per completion token, EOS included: `len(chosen_<key>) == len(chosen_ids)`), float tensors
     `chosen_<key>`/`rejected_<key>` [B, L] aligned with the input ids: completion token j of a row sits at position
     len(prompt_ids) + j, and prompt and padding positions hold 0. The trainer shifts such [B, L] columns to label
-    positions ([:, 1:], `tokenpo.train_step.batch_columns`), so label position t gets the value of the token it
+    positions ([:, 1:], `tokenpo.providers.StepContext.column`), so label position t gets the value of the token it
     predicts. Defaults cover SePO selections / oracle scores and TIS-DPO weights.
     """
 
