@@ -21,13 +21,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "environment ready: $(VENV)"
 
-# The notebooks' kernel. OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning while they wait;
-# on a 2-core machine with other work running, spinning threads slowed the notebooks' small steps several-fold
-# (benchmarks/bench_threads.py).
+# The notebooks' kernel. GOMP_SPINCOUNT=3000: torch's OpenMP threads spin briefly, then sleep, while they wait. On 2
+# cores with one busy with other work, the default long spin made a notebook training step 8x slower than on the idle
+# machine; with 3000 it is 2.2x (1 thread: 1.8x) and costs 12 % when idle (benchmarks/bench_threads.py).
 KERNEL := $(VENV)/share/jupyter/kernels/tokenpo/kernel.json
 $(KERNEL): $(STAMP) Makefile
 	$(PY) -m ipykernel install --sys-prefix --name tokenpo --display-name "Python (tokenpo)" \
-		--env OMP_WAIT_POLICY PASSIVE >/dev/null
+		--env GOMP_SPINCOUNT 3000 >/dev/null
 
 env: $(STAMP) $(KERNEL)
 

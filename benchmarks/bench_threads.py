@@ -7,7 +7,7 @@ Each setting runs `--steps` DPO steps through the real trainer in a fresh proces
 process start); "half busy" adds one process spinning on the CPU for the duration of the measurement. Settings and
 loads are interleaved over `--rounds`; the figures are medians and the ratios are what to read.
 
-    python benchmarks/bench_threads.py                 # threads 1 / 2 / 2 with OMP_WAIT_POLICY=PASSIVE, idle and half busy
+    python benchmarks/bench_threads.py       # 1 / 2 threads, 2 with OMP_WAIT_POLICY=PASSIVE or a short GOMP_SPINCOUNT
     python benchmarks/bench_threads.py --rounds 1 --steps 10
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"1 thread": {"TOKENPO_THREADS": "1"}, "2 threads": {"TOKENPO_THREADS": "2"},
-            "2 threads, OMP passive": {"TOKENPO_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}}
+            "2 threads, OMP passive": {"TOKENPO_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+            **{f"2 threads, spin {n}": {"TOKENPO_THREADS": "2", "GOMP_SPINCOUNT": str(n)} for n in (1000, 3000, 10000)}}
 
 
 def worker(steps: int) -> dict:
