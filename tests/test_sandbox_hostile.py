@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from conftest import processes_with_cmdline
 from tokenpo.evaluation import sandbox
 from tokenpo.evaluation.code import check_correctness
 from tokenpo.evaluation.sandbox import SandboxLimits, run_python
@@ -411,19 +412,6 @@ def test_a_weaker_level_is_never_silent(monkeypatch, iso):
         sandbox.isolation.__wrapped__()
 
 
-def _processes_with_cmdline(marker: bytes) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    if marker in f.read():
-                        found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 DAEMON = """
 import os, time
 if os.fork() == 0:
@@ -446,7 +434,7 @@ def test_setsid_double_fork_daemon_does_not_outlive_the_run(mode, ending):
     res = run_python(program, SandboxLimits(wall_time=1.5, cpu_time=3.0, max_processes=16))
     assert res.status == ("passed" if ending == "exit" else "timeout"), res
     deadline = time.monotonic() + 2.0
-    while (left := _processes_with_cmdline(b"sleep\x00" + marker.encode())) and time.monotonic() < deadline:
+    while (left := processes_with_cmdline(b"sleep\x00" + marker.encode())) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in left:
         os.kill(pid, 9)

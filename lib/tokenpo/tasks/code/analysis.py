@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from tokenpo.tasks.sentiment.analysis import per_seed, summary_by  # noqa: F401  (re-exported: one row per run)
+
 from .runs import CodeRunResult
 
 
@@ -49,22 +51,6 @@ def runs_table(results: Sequence[CodeRunResult], ks: Sequence[int]) -> pd.DataFr
                      "reward-mask sparsity": mask_sparsity(r, ("reward",)),
                      "s/step": r.timing.get("train_seconds_per_step", np.nan)})
     return pd.DataFrame(rows)
-
-
-def per_seed(frame: pd.DataFrame, column: str, **where) -> pd.Series:
-    """`column` of the rows matching `where` (column == value), indexed by seed: one number per run."""
-    selected = frame
-    for key, value in where.items():
-        selected = selected[selected[key] == value]
-    return selected.set_index("seed")[column].sort_index()
-
-
-def summary_by(frame: pd.DataFrame, by: str, columns: Sequence[str]) -> pd.DataFrame:
-    """Mean ± s.d. over runs of `columns` per `by` value, and the number of runs."""
-    grouped = frame.groupby(by, sort=False)[list(columns)]
-    out = grouped.mean().round(3).astype(str) + " ± " + grouped.std().round(3).astype(str)
-    out["runs"] = grouped.size()
-    return out
 
 
 def differing_tokens(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

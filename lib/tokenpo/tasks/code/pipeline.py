@@ -121,19 +121,9 @@ def sampled_pairs(reference, reference_id: str, tokenizer, problems: Sequence[Pr
               "prompt": content_hash([prompt_of(p) for p in problems]), "n": n, "max_new_tokens": max_new_tokens,
               "temperature": temperature, "seed": seed, "extra_stop": list(extra_stop), "batch_size": batch_size}
 
-    def build(folder: Path) -> None:
-        completions = sample_completions(reference, tokenizer, problems, n, prompt_of, max_new_tokens, temperature,
-                                         seed, batch_size=batch_size, extra_stop=extra_stop)
-        samples = [(task, c) for task, cs in completions.items() for c in cs]
-        verdicts = executions(samples)
-        (folder / "samples.json").write_text(json.dumps({
-            "completions": completions, "passed": _regroup(samples, verdicts),
-            "statuses": executions.status_counts(samples)}))
-
-    folder = cached_step("code-pairs", inputs, build)
-    data = json.loads((folder / "samples.json").read_text())
-    pairs = build_pairs(problems, data["completions"], data["passed"], prompt_of, per_problem)
-    pairs.report["statuses"] = data["statuses"]
+    pairs, data = _executed_pairs("code-pairs", inputs, problems, prompt_of, per_problem, executions, lambda: (
+        sample_completions(reference, tokenizer, problems, n, prompt_of, max_new_tokens, temperature, seed,
+                           batch_size=batch_size, extra_stop=extra_stop)))
     pairs.report["distinct completions per problem"] = float(np.mean([len(set(c))
                                                                       for c in data["completions"].values()]))
     return pairs, data
@@ -149,17 +139,24 @@ def executed_pairs(problems_with_samples: Sequence[tuple[Problem, Sequence[str]]
               "samples": content_hash([[p.prompt, p.test, p.entry_point, p.solution, list(s)]
                                        for p, s in problems_with_samples]), "include_solution": include_solution}
 
+    return _executed_pairs("code-executed-samples", inputs, problems, prompt_of, per_problem, executions, lambda: {
+        p.task_id: ([p.solution] if include_solution and p.solution else []) + list(s)
+        for p, s in problems_with_samples})
+
+
+def _executed_pairs(kind: str, inputs: dict, problems: Sequence[Problem], prompt_of, per_problem: int,
+                    executions: Executions, completions_of: Callable[[], dict[str, list[str]]]) -> tuple[PairSet, dict]:
+    """The completions that `completions_of()` gives (task_id -> programs), executed and made into pairs; the
+    completions and verdicts are cached as step `kind` by `inputs`."""
     def build(folder: Path) -> None:
-        completions = {p.task_id: ([p.solution] if include_solution and p.solution else []) + list(s)
-                       for p, s in problems_with_samples}
+        completions = completions_of()
         samples = [(task, c) for task, cs in completions.items() for c in cs]
         verdicts = executions(samples)
         (folder / "samples.json").write_text(json.dumps({
             "completions": completions, "passed": _regroup(samples, verdicts),
             "statuses": executions.status_counts(samples)}))
 
-    folder = cached_step("code-executed-samples", inputs, build)
-    data = json.loads((folder / "samples.json").read_text())
+    data = json.loads((cached_step(kind, inputs, build) / "samples.json").read_text())
     pairs = build_pairs(problems, data["completions"], data["passed"], prompt_of, per_problem)
     pairs.report["statuses"] = data["statuses"]
     return pairs, data

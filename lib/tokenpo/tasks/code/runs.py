@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tokenpo.cache import TRAINING_CODE, cached_step, code_fingerprint, content_hash
-from tokenpo.tasks.sentiment.sweep import METHODS, RunSpec, pairs_fingerprint
+from tokenpo.tasks.sentiment.sweep import METHODS, LoggedRun, RunSpec, _mask_provider, pairs_fingerprint
 from tokenpo.training import TrainConfig, train
 
 from .pipeline import Executions, sample_completions
@@ -106,31 +106,18 @@ class PassAtK:
 
 
 @dataclass
-class CodeRunResult:
+class CodeRunResult(LoggedRun):
     spec: RunSpec
     history: list[dict]
     evaluation: dict
     final_masks: dict | None = None
     timing: dict = field(default_factory=dict)
 
-    def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = [r for r in self.history if r.get(metric) is not None]
-        return np.array([r["step"] for r in rows]), np.array([r[metric] for r in rows], dtype=float)
-
-    def late_mean(self, metric: str, share: float = 0.2) -> float:
-        """Mean of a logged metric over the last `share` of the steps (smooths batch noise)."""
-        _, values = self.curve(metric)
-        if values.size == 0:
-            return float("nan")
-        return float(values[-max(1, int(round(share * values.size))):].mean())
-
 
 def code_run(spec: RunSpec, reference, pairs, cfg, evaluator: PassAtK, identity: dict, collator) -> CodeRunResult:
     """Train one run from `reference` on `pairs` and evaluate its last step with `evaluator`. Cached by the run's
     settings, `identity` (the reference and the evaluation), a hash of the pairs and of the training code."""
     from safetensors.torch import load_file, save_file
-
-    from tokenpo.tasks.sentiment.sweep import _mask_provider
 
     probe = train_config(spec, cfg, "")
     settings = {k: getattr(probe, k) for k in probe.__dataclass_fields__ if k not in ("out_dir", "progress", "providers")}

@@ -102,9 +102,9 @@ def per_seed(frame: pd.DataFrame, column: str, **where) -> pd.Series:
     return selected.set_index("seed")[column].sort_index()
 
 
-def summary_by(frame: pd.DataFrame, by: Sequence[str], columns: Sequence[str]) -> pd.DataFrame:
-    """Mean ± s.d. over runs (and the number of runs) of `columns`, grouped by `by`."""
-    grouped = frame.groupby(list(by), sort=False)[list(columns)]
+def summary_by(frame: pd.DataFrame, by: str | Sequence[str], columns: Sequence[str]) -> pd.DataFrame:
+    """Mean ± s.d. over runs (and the number of runs) of `columns`, grouped by `by` (a column or columns)."""
+    grouped = frame.groupby([by] if isinstance(by, str) else list(by), sort=False)[list(columns)]
     out = grouped.mean().round(3).astype(str) + " ± " + grouped.std().round(3).astype(str)
     out["runs"] = grouped.size()
     return out

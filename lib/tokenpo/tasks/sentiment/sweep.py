@@ -210,15 +210,10 @@ def _mask_provider(providers):
 
 
 # -------------------------------------------------------------------------------------------------- one run
-@dataclass
-class RunResult:
-    spec: RunSpec
+class LoggedRun:
+    """What a run's logged `history` (one dict per logging step) gives: a metric's curve and its late mean."""
+
     history: list[dict]
-    evals: list[dict]
-    analysis: dict = field(default_factory=dict)      # per-run analyses at the last step (mask alignment, ...)
-    initial_masks: dict | None = None                 # SparsePO mask networks' state before / after training
-    final_masks: dict | None = None
-    timing: dict = field(default_factory=dict)
 
     def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
         rows = [r for r in self.history if r.get(metric) is not None]
@@ -230,6 +225,17 @@ class RunResult:
         if values.size == 0:
             return float("nan")
         return float(values[-max(1, int(round(share * values.size))):].mean())
+
+
+@dataclass
+class RunResult(LoggedRun):
+    spec: RunSpec
+    history: list[dict]
+    evals: list[dict]
+    analysis: dict = field(default_factory=dict)      # per-run analyses at the last step (mask alignment, ...)
+    initial_masks: dict | None = None                 # SparsePO mask networks' state before / after training
+    final_masks: dict | None = None
+    timing: dict = field(default_factory=dict)
 
     @property
     def final(self) -> dict:
