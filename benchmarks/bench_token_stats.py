@@ -8,7 +8,7 @@ KL(π_ref‖π_θ)), with gradients w.r.t. the policy hidden states and output-e
 
 Default shapes are GPT-2-small's head: hidden 768, vocab 50,257, length 512, 4 pairs (8 rows).
 Each variant runs in a fresh subprocess, so its peak memory is its own: on CPU the increase of the peak resident
-set size (``ru_maxrss``) over the resident size after the inputs were created; on CUDA
+set size (VmHWM, restarted there) over the resident size after the inputs were created; on CUDA
 ``torch.cuda.max_memory_allocated`` over the allocation after the inputs were created. Time is the median over
 ``--repeats`` forward+backward passes after one warm-up; on CPU the process CPU time is reported too (it is less
 sensitive to other processes on a busy machine, for one thread). Both variants compute the same numbers; the table
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,19 +32,11 @@ TARGET_MEMORY_RATIO = 1 / 8
 TARGET_TIME_RATIO = 1.3
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
-
-
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from tokenpo.tokens import chunked_token_stats, token_stats
+    from tokenpo.utils import memory_mb, reset_peak_memory
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -79,7 +70,8 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_mb()
+        reset_peak_memory()         # the peak from here on: not the inputs' creation, nor the parent's size at fork
+        base = memory_mb()[0]
     wall, cpu = [], []
     checksum = None
     for _ in range(1 + args.repeats):
@@ -92,7 +84,7 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = _maxrss_mb() - base
+        peak = memory_mb()[1] - base
     return {"peak_mb": peak, "wall_ms": 1000 * statistics.median(wall[1:]),
             "cpu_ms": 1000 * statistics.median(cpu[1:]), "checksum": checksum}
 
