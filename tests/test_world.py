@@ -142,6 +142,29 @@ def test_gpt2_config_matches_profile(tmp_path):
         world.n_layer, world.n_embd, world.n_positions, len(tokenizer))
 
 
+def test_pretraining_passes_the_mask_of_its_packed_blocks(tmp_path, caplog):
+    """Packed blocks hold end-of-text ids (the pad id too) anywhere, also first: pretraining and its evaluation pass
+    an all-ones attention mask, so transformers has nothing to warn about in a notebook's output."""
+    from dataclasses import replace
+
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from tokenpo.models import pretrain
+
+    tokenizer = train_tokenizer(TEXTS, 300, tmp_path / "tok")
+    world = replace(get_profile("smoke").world, max_steps=2, eval_every=2, batch_size=2)
+    blocks, _ = pack_texts(tokenizer, TEXTS, world.n_positions)
+    blocks[:, 0] = tokenizer.pad_token_id
+    hf_logging.warning_once.cache_clear()                 # a warning given earlier in this process shows again
+    hf_logging.enable_propagation()                       # transformers' records reach caplog
+    try:
+        pretrain(GPT2LMHeadModel(gpt2_config(world, tokenizer)), blocks[:4], blocks[4:6], world, progress=False)
+    finally:
+        hf_logging.disable_propagation()
+    assert not [r.getMessage() for r in caplog.records if "attention_mask" in r.getMessage()]
+
+
 def test_committed_summaries_have_the_schema_the_readme_needs():
     summaries = load_summaries()  # validates each results/*/summary.json
     for summary in summaries:

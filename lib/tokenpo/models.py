@@ -301,7 +301,7 @@ def evaluate_lm(model, blocks: torch.Tensor, batch_size: int = 64, autocast: boo
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start:start + batch_size]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, n = next_token_loss(model, batch[:, :-1], targets=batch[:, 1:])
+            loss, n = next_token_loss(model, *_packed(batch), targets=batch[:, 1:])
         total += loss.item()
         count += n
     model.train()
@@ -320,6 +320,13 @@ class PretrainResult:
     val_loss: list[float]
     tokens_seen: int
     seconds: float
+
+
+def _packed(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and attention mask of packed blocks [B, L+1] (no padding: all ones, said so that transformers does not
+    warn that a mask is missing)."""
+    inputs = batch[:, :-1]
+    return inputs, torch.ones_like(inputs)
 
 
 def pretrain(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, world: WorldConfig, seed: int = 0,
@@ -351,7 +358,7 @@ def pretrain(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, world:
             order, epoch = list(sampler), epoch + 1
         batch, order = train_blocks[order[:world.batch_size]], order[world.batch_size:]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=world.autocast_bf16):
-            total, count = next_token_loss(model, batch[:, :-1], targets=batch[:, 1:])
+            total, count = next_token_loss(model, *_packed(batch), targets=batch[:, 1:])
         loss = total / count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
