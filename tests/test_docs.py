@@ -245,3 +245,34 @@ def test_the_provider_snippet_in_adding_a_method_runs(tmp_path, monkeypatch):
     assert result.steps == 2 and len(result.history) == 2
     assert all(row["loss"] == row["loss"] for row in result.history)             # finite, not NaN
     assert 0.5 < result.history[-1]["mask/mean_reward_chosen"] < 1.0            # the rule's weights reached the loss
+
+
+# ------------------------------------------------------------------------------------------------ notebooks
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+EXECUTED = sorted((ROOT / "results").glob("*/[0-9][0-9]_*.ipynb"))
+MACHINE_PATH = re.compile(r"(/work/|/home/|/root/|/tmp/|/Users/|/private/var/|PosixPath\()")
+
+
+def _output_texts(notebook: Path) -> list[tuple[str, str]]:
+    """(output type, text) of every output of an executed notebook: streams, and the text forms of rich outputs."""
+    texts = []
+    for cell in json.loads(notebook.read_text())["cells"]:
+        for output in cell.get("outputs", []):
+            if output["output_type"] == "stream":
+                texts.append(("stream", "".join(output["text"])))
+            texts += [(output["output_type"], "".join(v) if isinstance(v, list) else str(v))
+                      for k, v in output.get("data", {}).items() if k.startswith("text/")]
+    return texts
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_run_on_the_project_kernel(notebook):
+    assert json.loads(notebook.read_text())["metadata"]["kernelspec"]["name"] == "tokenpo"
+
+
+@pytest.mark.parametrize("notebook", EXECUTED, ids=lambda p: p.parent.name)
+def test_executed_notebooks_hold_no_machine_paths_or_text_progress_bars(notebook):
+    texts = _output_texts(notebook)
+    assert not [t[:200] for _, t in texts if str(ROOT) in t or MACHINE_PATH.search(t)]
+    # progress bars are widgets (ipywidgets is a dependency), never text redrawn into the stored output
+    assert not [t[:200] for kind, t in texts if kind == "stream" and re.search(r"\|\s*\d+/\d+ \[", t)]
