@@ -201,6 +201,24 @@ def test_tmp_like_folders_are_private(iso):
                 os.unlink(p)
 
 
+def test_concurrent_sandboxes_cannot_see_each_others_files(iso):
+    """Two programs sandboxed at once: what one writes to /tmp, /var/tmp or /dev/shm, the other never sees (so it can
+    neither read nor replace it)."""
+    if iso.mode == "rlimits-only":
+        pytest.skip("no namespaces on this machine")
+    from concurrent.futures import ThreadPoolExecutor
+
+    tag = f"tokenpo-neighbour-{uuid.uuid4().hex}"
+    paths = [f"{folder}/{tag}" for folder in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(folder)]
+    writer = ("import time\n" + "".join(f"open({p!r}, 'w').write('x')\n" for p in paths) + "time.sleep(2.0)\n")
+    reader = ("import os, time\ntime.sleep(1.0)\n"
+              f"print(sorted(p for p in {paths!r} if os.path.exists(p)))\n")
+    with ThreadPoolExecutor(2) as pool:
+        wrote, read = pool.map(lambda program: run_python(program, TIGHT), [writer, reader])
+    assert wrote.passed and read.passed, (wrote, read)
+    assert read.stdout.strip() == "[]", f"a neighbour's files were visible: {read.stdout}"
+
+
 @pytest.fixture
 def python_under_tmp(iso):
     """A virtual environment of the sandbox's interpreter, living under /tmp (readable by the sandbox uid): what
