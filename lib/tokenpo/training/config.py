@@ -336,7 +336,8 @@ def _kind(value: Any) -> str:
 def disable_dropout(model: nn.Module) -> None:
     """Dropout probability 0 everywhere in ``model``, as TRL's ``disable_dropout_in_model`` (every ``nn.Dropout``; the
     trainer applies it to the policy — LoRA dropout included — and to the reference): the policy's log-probs must not
-    be noisy relative to the reference's."""
+    be noisy relative to the reference's. Written here, not imported, because TRL is not a dependency (only the
+    optional `bench` extra); the rule is the same."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
