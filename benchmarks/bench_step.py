@@ -188,12 +188,14 @@ def main() -> int:
             methods.append("trl-dpo")
     except ImportError:
         print("TRL is not installed (pip install -e .[bench]): the TRL comparison is skipped")
+    requested = args.length
     for model in args.models.split(","):
         results: dict[str, list[dict]] = {m: [] for m in methods}
+        length = min(requested, _positions(model))      # the tiny model has 64 positions
         for _ in range(args.rounds):
             for method in methods:
                 cmd = [sys.executable, __file__, "--worker", "1", "--model", model, "--method", method,
-                       "--pairs", str(args.pairs), "--length", str(args.length), "--steps", str(args.steps),
+                       "--pairs", str(args.pairs), "--length", str(length), "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--threads", str(args.threads)]
                 if args.chunk_size:
                     cmd += ["--chunk-size", str(args.chunk_size)]
@@ -202,18 +204,27 @@ def main() -> int:
                     print(out.stderr[-3000:], file=sys.stderr)
                     return 1
                 results[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        report(model, args, results)
+        report(model, args, length, results)
         if args.profile:
-            args.model = model
+            args.model, args.length = model, length
             profile_step(args)
     return 0
 
 
-def report(model: str, args, results: dict[str, list[dict]]) -> None:
+def _positions(model: str) -> int:
+    """Context length of a benchmark model: the committed base model's, or the GPT-2-head model's 256."""
+    if model != "tiny":
+        return 256
+    from tokenpo.models import COMMITTED_BASE
+
+    return json.loads((COMMITTED_BASE / "model" / "config.json").read_text())["n_positions"]
+
+
+def report(model: str, args, length: int, results: dict[str, list[dict]]) -> None:
     med = {m: {k: statistics.median(r[k] for r in rows) for k in ("step_seconds", "peak_mb")}
            for m, rows in results.items()}
     dpo = med["dpo"]
-    print(f"\n{model}: {args.pairs} pairs x {args.length} tokens, {args.threads} threads, median of {args.rounds} "
+    print(f"\n{model}: {args.pairs} pairs x {length} tokens, {args.threads} threads, median of {args.rounds} "
           f"interleaved rounds of {args.steps} steps")
     print(f"{'method':10s} {'s/step':>8s} {'vs DPO':>7s} {'peak MB':>8s} {'vs DPO':>7s}  targets")
     for m, v in med.items():
