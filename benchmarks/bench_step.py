@@ -33,6 +33,7 @@ METHODS = ("dpo", "ipo", "simpo", "sepo", "tdpo1", "tdpo2", "mapo", "sparsepo")
 TIME_TARGETS = {"sparsepo": 1.15, "mapo": 1.15, "tdpo1": 1.10}
 MEMORY_TARGETS = {"sparsepo": 1.05}
 TRL_SPEEDUP_TARGETS = {"dpo": 1.5, "sparsepo": 1.2}
+GPT2_HEAD_POSITIONS = 256
 
 
 def _model(kind: str):
@@ -45,7 +46,7 @@ def _model(kind: str):
     if kind == "tiny":
         return tokenizer, load_model(COMMITTED_BASE / "model")
     torch.manual_seed(0)        # the tokenizer's ids (< 4,096) are valid ids of the larger vocabulary
-    config = GPT2Config(n_layer=2, n_embd=768, n_head=12, vocab_size=50257, n_positions=256,
+    config = GPT2Config(n_layer=2, n_embd=768, n_head=12, vocab_size=50257, n_positions=GPT2_HEAD_POSITIONS,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     return tokenizer, GPT2LMHeadModel(config)
@@ -212,9 +213,9 @@ def main() -> int:
 
 
 def _positions(model: str) -> int:
-    """Context length of a benchmark model: the committed base model's, or the GPT-2-head model's 256."""
+    """Context length of a benchmark model: the committed base model's, or the GPT-2-head model's."""
     if model != "tiny":
-        return 256
+        return GPT2_HEAD_POSITIONS
     from tokenpo.models import COMMITTED_BASE
 
     return json.loads((COMMITTED_BASE / "model" / "config.json").read_text())["n_positions"]

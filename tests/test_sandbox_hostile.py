@@ -213,10 +213,15 @@ def test_concurrent_sandboxes_cannot_see_each_others_files(iso):
     writer = ("import time\n" + "".join(f"open({p!r}, 'w').write('x')\n" for p in paths) + "time.sleep(2.0)\n")
     reader = ("import os, time\ntime.sleep(1.0)\n"
               f"print(sorted(p for p in {paths!r} if os.path.exists(p)))\n")
-    with ThreadPoolExecutor(2) as pool:
-        wrote, read = pool.map(lambda program: run_python(program, TIGHT), [writer, reader])
-    assert wrote.passed and read.passed, (wrote, read)
-    assert read.stdout.strip() == "[]", f"a neighbour's files were visible: {read.stdout}"
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            wrote, read = pool.map(lambda program: run_python(program, TIGHT), [writer, reader])
+        assert wrote.passed and read.passed, (wrote, read)
+        assert read.stdout.strip() == "[]", f"a neighbour's files were visible: {read.stdout}"
+    finally:
+        for p in paths:     # had they reached the host
+            if os.path.exists(p):
+                os.unlink(p)
 
 
 @pytest.fixture
